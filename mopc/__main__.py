@@ -1,0 +1,5 @@
+import sys
+
+from mopc.cli import main
+
+sys.exit(main())

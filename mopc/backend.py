@@ -1,0 +1,115 @@
+"""The `mop` torch.compile backend: capture -> passes -> partition -> lower.
+
+`torch.compile(model, backend="mop", options={...})` resolves through the
+`torch_dynamo_backends` entry point (no `import mopc` needed). Each Dynamo graph is
+turned into a joint forward+backward ATen graph by AOTAutograd; mopc's pass pipeline
+runs on that joint graph inside the partitioner, then the forward and backward graphs are
+lowered: run op by op (like `aot_eager`) or compiled by Inductor.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from functorch.compile import default_partition, make_boxed_func, min_cut_rematerialization_partition
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch.fx import GraphModule
+
+from mopc.capture import GraphInputs, describe_inputs, joint_param_fqns, next_graph_id
+from mopc.config import MoPConfig
+from mopc.passes.dump import DumpWriter
+from mopc.passes.pipeline import Pipeline, PassContext, build_pipeline
+
+log = logging.getLogger("mopc")
+
+
+def resolve_lowering(config: MoPConfig, example_inputs: Sequence[Any]) -> str:
+    if config.lowering != "auto":
+        return config.lowering
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    return "inductor" if on_cuda else "eager"
+
+
+def _lower(lowering: str, *, is_backward: bool = False, is_inference: bool = False) -> Callable:
+    if lowering == "inductor":
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        return functools.partial(compile_fx_inner, is_backward=is_backward, is_inference=is_inference)
+
+    def run_eagerly(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        return make_boxed_func(gm.forward)
+
+    return run_eagerly
+
+
+def _decompositions(lowering: str) -> dict:
+    if lowering == "inductor":
+        from torch._inductor.decomposition import select_decomp_table
+
+        return select_decomp_table()
+    return {}
+
+
+class _Compilation:
+    """State of one Dynamo graph's compilation (its id, inputs, pipeline and dumps)."""
+
+    def __init__(self, gm: GraphModule, example_inputs: Sequence[Any], config: MoPConfig) -> None:
+        self.config = config
+        self.graph_id = next_graph_id()
+        self.inputs: GraphInputs = describe_inputs(gm, example_inputs)
+        self.lowering = resolve_lowering(config, example_inputs)
+        self.pipeline: Pipeline = build_pipeline(config)
+        self.writer: DumpWriter | None = None
+        self.ctx: PassContext | None = None
+
+    def _run_pipeline(self, graph: GraphModule, inputs: Sequence[Any], num_fwd_outputs: int) -> GraphModule:
+        fqns = joint_param_fqns(graph, self.inputs)
+        self.ctx = PassContext(
+            config=self.config, example_inputs=inputs, param_fqns=fqns, trainable=self.inputs.trainable,
+            num_fwd_outputs=num_fwd_outputs, graph_id=self.graph_id,
+        )
+        self.writer = self.pipeline.make_writer(self.ctx)
+        graph = self.pipeline.run(graph, self.ctx, self.writer)
+        log.info("mop: graph %s: %d nodes after %d passes (%s)", self.graph_id, len(graph.graph.nodes),
+                 len(self.pipeline.passes), ", ".join(self.pipeline.names))
+        return graph
+
+    def partition(self, joint: GraphModule, joint_inputs: Sequence[Any], *, num_fwd_outputs: int,
+                  **kwargs: Any) -> tuple[GraphModule, GraphModule]:
+        joint = self._run_pipeline(joint, joint_inputs, num_fwd_outputs)
+        split = min_cut_rematerialization_partition if self.config.partitioner == "min_cut" else default_partition
+        fw, bw = split(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        if self.writer is not None:
+            note = f"{self.config.partitioner} partitioner"
+            self.writer.write("forward", fw, kind="partition", seconds=0.0, diff=None, note=note)
+            self.writer.write("backward", bw, kind="partition", seconds=0.0, diff=None, note=note)
+        return fw, bw
+
+    def inference(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        num_outputs = len(gm.graph.find_nodes(op="output")[0].args[0])
+        gm = self._run_pipeline(gm, example_inputs, num_outputs)
+        return _lower(self.lowering, is_inference=True)(gm, example_inputs)
+
+    def compile(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        return aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=_lower(self.lowering),
+            bw_compiler=_lower(self.lowering, is_backward=True),
+            inference_compiler=self.inference,
+            partition_fn=self.partition,
+            decompositions=_decompositions(self.lowering),
+            keep_inference_input_mutations=True,
+        )
+
+
+def mop(gm: GraphModule, example_inputs: Sequence[Any], options: dict | MoPConfig | None = None,
+        **kwargs: Any) -> Callable:
+    """The `mop` Dynamo backend. `options` are :class:`mopc.MoPConfig` fields."""
+    if options is None and kwargs:
+        options = kwargs
+    config = MoPConfig.from_options(options)
+    return _Compilation(gm, example_inputs, config).compile(gm, example_inputs)

@@ -1,0 +1,86 @@
+"""Capture: a Dynamo graph becomes a joint forward+backward ATen graph (AOTAutograd).
+
+The joint graph is handed to mopc's pass pipeline inside AOTAutograd's `partition_fn`,
+which sees forward and backward together before they are split; the forward and
+backward graphs that come out are then lowered (see `mopc.backend`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+_ROOT_RE = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]")
+_PART_RE = re.compile(
+    r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]"
+    r"|\.([A-Za-z_][A-Za-z0-9_]*)"
+    r"|\[(\d+)\]"
+    r"|\[['\"]([^'\"]+)['\"]\]"
+)
+
+_graph_counter = itertools.count()
+
+
+def fqn_from_source(source_name: str) -> str | None:
+    """`L['self']._modules['layers']._modules['0']._parameters['weight']` -> `layers.0.weight`."""
+    match = _ROOT_RE.match(source_name)
+    if not match:
+        return None
+    rest = source_name[match.end():]
+    parts = []
+    pos = 0
+    while pos < len(rest):
+        m = _PART_RE.match(rest, pos)
+        if not m:
+            return None
+        parts.append(next(g for g in m.groups() if g is not None))
+        pos = m.end()
+    return ".".join(parts) if parts else None
+
+
+@dataclass(frozen=True)
+class GraphInputs:
+    """What each input of a Dynamo graph is: a parameter/buffer path or user data."""
+
+    names: tuple[str | None, ...]
+    """Per flattened input (AOT's `primals` order): module path, or None for user inputs."""
+    trainable: frozenset[str]
+
+
+def describe_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphInputs:
+    """Module paths of the graph's inputs, in the order AOTAutograd lifts them."""
+    names: list[str | None] = []
+    trainable: set[str] = set()
+    # AOTAutograd lifts the GraphModule's own parameters and buffers first
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names.append(name)
+        if p.requires_grad:
+            trainable.add(name)
+    for name, _ in gm.named_buffers(remove_duplicate=False):
+        names.append(name)
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        grapharg = ph.meta.get("grapharg")
+        source = getattr(grapharg, "source", None)
+        fqn = fqn_from_source(source.name) if source is not None else None
+        example = getattr(grapharg, "example", None)
+        is_module_state = isinstance(example, torch.nn.Parameter) or (
+            fqn is not None and ("_buffers[" in source.name or "_parameters[" in source.name))
+        names.append(fqn if is_module_state else None)
+        if is_module_state and isinstance(example, torch.nn.Parameter) and example.requires_grad:
+            trainable.add(fqn)
+    return GraphInputs(tuple(names), frozenset(trainable))
+
+
+def joint_param_fqns(joint: GraphModule, inputs: GraphInputs) -> dict[str, str]:
+    """Joint-graph placeholder name (`primals_3`) -> module path, for module state only."""
+    placeholders = joint.graph.find_nodes(op="placeholder")
+    return {ph.name: name for ph, name in zip(placeholders, inputs.names) if name is not None}
+
+
+def next_graph_id(kind: str = "g") -> str:
+    return f"{kind}{next(_graph_counter)}"

@@ -1,0 +1,119 @@
+"""One configuration tree for the whole compiler.
+
+`torch.compile(model, backend="mop", options={...})` passes `options` here; every key is a
+field of :class:`MoPConfig`. Values are validated once, with errors that name the field,
+the value and the accepted values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+
+class MoPConfigError(ValueError):
+    """A bad option: names the field, the value given and what is accepted."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoPConfig:
+    """Options of the `mop` backend. Pass them as `options={...}` to `torch.compile`."""
+
+    lowering: Literal["auto", "eager", "inductor"] = "auto"
+    """How forward and backward graphs run after the passes: `eager` runs the FX graphs
+    op by op (like `aot_eager`), `inductor` compiles them with Inductor, `auto` picks
+    Inductor when the inputs live on CUDA and eager otherwise."""
+
+    partitioner: Literal["min_cut", "default"] = "min_cut"
+    """How the joint graph is split into forward and backward: `min_cut` recomputes cheap
+    ops instead of saving them (AOTAutograd's min-cut rematerialization), `default` saves
+    every forward value the backward needs."""
+
+    dump_dir: str | None = None
+    """Folder for one readable file per pass (graph with shapes and roles, op-count diff,
+    timing). Overrides the `MOPC_DUMP_DIR` environment variable when set."""
+
+    disable_passes: tuple[str, ...] = ()
+    """Names of passes to skip, in addition to `MOPC_DISABLE_PASSES=a,b`."""
+
+    debug: bool = False
+    """Run the graph verifier after every pass (also on with `MOPC_DEBUG=1`)."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | MoPConfig | None) -> MoPConfig:
+        """Build from `torch.compile(..., options=...)`; unknown keys are errors."""
+        if options is None:
+            return cls()
+        if isinstance(options, MoPConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise MoPConfigError(
+                f"options must be a dict of MoPConfig fields, got {type(options).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise MoPConfigError(
+                    f"unknown mop option {key!r}.{hint} Accepted options: {', '.join(sorted(known))}"
+                )
+        values = dict(options)
+        if isinstance(values.get("disable_passes"), (list, set)):
+            values["disable_passes"] = tuple(values["disable_passes"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> MoPConfig:
+        return MoPConfig.from_options({**dataclasses.asdict(self), **changes})
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise MoPConfigError(
+                f"mop option {name}={value!r} is not accepted; use one of {', '.join(map(repr, args))}"
+            )
+        return
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in args:
+            try:
+                _check_type(name, value, arg)
+                return
+            except MoPConfigError:
+                continue
+        raise MoPConfigError(f"mop option {name}={value!r} must be {hint}")
+    if hint is type(None):
+        if value is not None:
+            raise MoPConfigError(f"mop option {name}={value!r} must be None")
+        return
+    if origin is tuple:
+        if not isinstance(value, tuple) or not all(isinstance(v, args[0]) for v in value):
+            raise MoPConfigError(f"mop option {name}={value!r} must be a tuple of {args[0].__name__}")
+        return
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise MoPConfigError(f"mop option {name}={value!r} must be True or False")
+        return
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MoPConfigError(f"mop option {name}={value!r} must be an integer")
+        return
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MoPConfigError(f"mop option {name}={value!r} must be a number")
+        return
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise MoPConfigError(f"mop option {name}={value!r} must be a {hint.__name__}")
+
+
+__all__ = ["MoPConfig", "MoPConfigError", "field"]

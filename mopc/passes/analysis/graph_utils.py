@@ -1,0 +1,208 @@
+"""Small, read-only helpers over ATen FX graphs shared by the analysis passes.
+
+Everything here only reads the graph. Op sets are by `OpOverloadPacket` so that both
+overloads and the packet itself match (`aten.mm` and `aten.mm.default`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch.fx import Graph, Node
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+def _packets(*ops: object) -> frozenset:
+    found = set()
+    for op in ops:
+        if op is not None:
+            found.add(op)
+    return frozenset(found)
+
+
+class _Tolerant:
+    """Attribute access on an op namespace that yields None for ops this torch lacks."""
+
+    def __init__(self, namespace: object) -> None:
+        self._namespace = namespace
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._namespace, name, None)
+
+
+_aten = _Tolerant(aten)
+_prims = _Tolerant(prims)
+
+
+def packet_of(node: Node) -> object:
+    """The OpOverloadPacket of a call_function node (or its target when it has none)."""
+    target = node.target
+    return getattr(target, "overloadpacket", target)
+
+
+def is_op(node: Node, ops: frozenset) -> bool:
+    return node.op == "call_function" and packet_of(node) in ops
+
+
+# Ops that only re-describe a tensor (no arithmetic on its values).
+VIEW_OPS = _packets(
+    _aten.t, _aten.transpose, _aten.permute, _aten.view, _aten.reshape, _aten._unsafe_view,
+    _aten.expand, _aten.unsqueeze, _aten.squeeze, _aten.clone, _aten.contiguous, _aten._to_copy,
+    _aten.alias, _aten.detach, _aten.lift_fresh_copy, _aten.view_as, _aten.expand_as, _aten.flatten,
+    _aten.unflatten, _aten.to, _aten.type_as, _aten._reshape_alias, _aten.as_strided,
+    _prims.convert_element_type, _aten.unfold, _aten._reshape_copy,
+    _aten.slice, _aten.select, _aten.split, _aten.split_with_sizes, _aten.unbind, _aten.chunk,
+    _aten.narrow, _aten.movedim, _aten.mT, _aten.numpy_T, _aten.matrix_H, _aten.adjoint,
+)
+
+MATMUL_OPS = _packets(
+    _aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten.matmul, _aten.linear, _aten.einsum,
+    _aten.addbmm, _aten.mv, _aten.addmv, _aten.dot, _aten.tensordot,
+    _aten._grouped_mm, _aten._scaled_mm, _aten._scaled_grouped_mm,
+    _aten._int_mm,
+)
+
+SDPA_OPS = _packets(
+    _aten.scaled_dot_product_attention,
+    _aten._scaled_dot_product_flash_attention_for_cpu,
+    _aten._scaled_dot_product_flash_attention,
+    _aten._scaled_dot_product_efficient_attention,
+    _aten._scaled_dot_product_cudnn_attention,
+    _aten._scaled_dot_product_attention_math,
+    _aten._scaled_dot_product_fused_attention_overrideable,
+    _aten._flash_attention_forward,
+    _aten._efficient_attention_forward,
+)
+
+SOFTMAX_OPS = _packets(_aten._softmax, _aten.softmax, _aten._safe_softmax)
+LOG_SOFTMAX_OPS = _packets(_aten._log_softmax, _aten.log_softmax)
+LOSS_OPS = _packets(
+    _aten.nll_loss_forward, _aten.nll_loss, _aten.nll_loss2d_forward, _aten.nll_loss_nd,
+    _aten.cross_entropy_loss, _aten.nll_loss2d,
+)
+TOPK_OPS = _packets(_aten.topk)
+EMBEDDING_OPS = _packets(_aten.embedding)
+NORM_OPS = _packets(
+    _aten.native_layer_norm, _aten.layer_norm, _aten.rms_norm,
+    _aten._fused_rms_norm, _aten.native_group_norm, _aten.group_norm,
+    _aten.native_batch_norm, _aten._native_batch_norm_legit_functional,
+)
+# Index-like ops: their index operand selects rows of their data operand.
+INDEXING_OPS = _packets(
+    _aten.index, _aten.index_select, _aten.gather, _aten.masked_select, _aten.take,
+    _aten._unsafe_index, _aten.take_along_dim,
+)
+# Ops that scatter or reduce expert results back into token order.
+COMBINE_OPS = _packets(
+    _aten.index_add, _aten.index_put, _aten.scatter, _aten.scatter_add, _aten.scatter_reduce,
+    _aten._unsafe_index_put, _aten.index_reduce, _aten.sum, _aten.mean, _aten.amax,
+)
+RSQRT_LIKE_OPS = _packets(_aten.rsqrt, _aten.reciprocal, _aten.sqrt, _aten.div, _aten.var_mean, _aten.var)
+
+
+def tensor_meta(node: object) -> torch.Tensor | None:
+    """The example value (`meta["val"]`) of a node if it is a tensor."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def tensor_inputs(node: Node) -> list[Node]:
+    """Node inputs of `node` (flattened args and kwargs) in order, without duplicates."""
+    return list(dict.fromkeys(node.all_input_nodes))
+
+
+def view_source(node: Node) -> Node:
+    """Walk back through view-like ops along their first tensor input."""
+    seen = 0
+    while isinstance(node, Node) and is_op(node, VIEW_OPS) and seen < 64:
+        ins = tensor_inputs(node)
+        if not ins:
+            break
+        node = ins[0]
+        seen += 1
+    # getitem of split/unbind/chunk outputs
+    if node.op == "call_function" and node.target is __import__("operator").getitem:
+        parent = node.args[0]
+        if isinstance(parent, Node) and is_op(parent, VIEW_OPS):
+            return view_source(parent)
+    return node
+
+
+def walk_back(
+    starts: Iterable[Node],
+    stop: Callable[[Node], bool],
+    allowed: Callable[[Node], bool] = lambda n: True,
+    max_nodes: int = 100_000,
+) -> tuple[set[Node], list[Node]]:
+    """Breadth-first walk against data flow.
+
+    Returns (visited, frontier): `visited` are the nodes passed through, `frontier` the
+    nodes where `stop` held (not expanded). Nodes failing `allowed` are skipped.
+    """
+    visited: set[Node] = set()
+    frontier: list[Node] = []
+    queue = list(starts)
+    seen: set[Node] = set()
+    while queue and len(seen) < max_nodes:
+        node = queue.pop()
+        if node in seen or not allowed(node):
+            continue
+        seen.add(node)
+        if stop(node):
+            frontier.append(node)
+            continue
+        visited.add(node)
+        queue.extend(tensor_inputs(node))
+    return visited, frontier
+
+
+def descendants(starts: Iterable[Node], allowed: Callable[[Node], bool] = lambda n: True) -> set[Node]:
+    out: set[Node] = set()
+    queue = list(starts)
+    while queue:
+        node = queue.pop()
+        for user in node.users:
+            if user not in out and allowed(user):
+                out.add(user)
+                queue.append(user)
+    return out
+
+
+def post_dominated(graph_nodes: list[Node], seeds: Iterable[Node], members: set[Node]) -> set[Node]:
+    """Nodes (within `members`) all of whose users inside `members` lie in the region.
+
+    The region starts as `seeds` and grows against data flow: a node joins once every one
+    of its users among `members` is already in it. Used to find what is private to a
+    component (a norm's statistics, an attention block's projections and RoPE).
+    """
+    region = set(seeds)
+    for node in reversed(graph_nodes):
+        if node in region or node not in members or node.op == "output":
+            continue
+        users = [u for u in node.users if u in members]
+        if users and all(u in region for u in users):
+            region.add(node)
+    return region
+
+
+def iter_call_functions(graph: Graph) -> Iterator[Node]:
+    return (n for n in graph.nodes if n.op == "call_function")
+
+
+def node_bytes(node: Node) -> int:
+    """Bytes of a node's tensor outputs, from `meta["val"]` (0 when symbolic or absent)."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    total = 0
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            try:
+                total += int(v.numel()) * v.element_size()
+            except (TypeError, RuntimeError):  # unbacked symbolic sizes
+                pass
+    return total

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from mopc import MoPConfig, MoPConfigError
+
+
+def test_defaults_are_valid():
+    config = MoPConfig.from_options(None)
+    assert config.lowering == "auto" and config.partitioner == "min_cut"
+
+
+def test_unknown_option_names_it_and_suggests():
+    with pytest.raises(MoPConfigError, match=r"unknown mop option 'lowerin'.*Did you mean 'lowering'"):
+        MoPConfig.from_options({"lowerin": "eager"})
+
+
+def test_unknown_option_lists_accepted():
+    with pytest.raises(MoPConfigError, match=r"Accepted options: .*dump_dir.*lowering"):
+        MoPConfig.from_options({"zzz": 1})
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"lowering": "fast"}, r"lowering='fast' is not accepted; use one of 'auto', 'eager', 'inductor'"),
+        ({"partitioner": 3}, r"partitioner=3 is not accepted; use one of 'min_cut', 'default'"),
+        ({"debug": "yes"}, r"debug='yes' must be True or False"),
+        ({"dump_dir": 5}, r"dump_dir=5 must be"),
+        ({"disable_passes": "annotate_roles"}, r"disable_passes='annotate_roles' must be a tuple of str"),
+    ],
+)
+def test_bad_values_name_field_value_and_accepted(options, pattern):
+    with pytest.raises(MoPConfigError, match=pattern):
+        MoPConfig.from_options(options)
+
+
+def test_options_must_be_a_mapping():
+    with pytest.raises(MoPConfigError, match="options must be a dict"):
+        MoPConfig.from_options(["lowering"])
+
+
+def test_list_of_disabled_passes_is_accepted_and_frozen():
+    config = MoPConfig.from_options({"disable_passes": ["count_costs"]})
+    assert config.disable_passes == ("count_costs",)
+    with pytest.raises(Exception):
+        config.debug = True  # frozen
+
+
+def test_bad_option_fails_the_compile_with_the_message():
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="mop", options={"lowering": "fast"})
+    with pytest.raises(Exception, match="lowering='fast' is not accepted"):
+        compiled(torch.randn(2, 4))
