@@ -181,12 +181,15 @@ def post_dominated(graph_nodes: list[Node], seeds: Iterable[Node], members: set[
     component (a norm's statistics, an attention block's projections and RoPE).
     """
     region = set(seeds)
+    # views kept only for the backward (AOT's `detach` of saved values) do not count as uses
+    dead_ends = {n for n in members if is_op(n, VIEW_OPS) and not any(u in members for u in n.users)}
     for node in reversed(graph_nodes):
-        if node in region or node not in members or node.op == "output":
+        if node in region or node not in members or node.op == "output" or node in dead_ends:
             continue
-        users = [u for u in node.users if u in members]
+        users = [u for u in node.users if u in members and u not in dead_ends]
         if users and all(u in region for u in users):
             region.add(node)
+    region |= {n for n in dead_ends if any(i in region for i in n.all_input_nodes)}
     return region
 
 

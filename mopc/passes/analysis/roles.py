@@ -158,9 +158,16 @@ class _Classifier:
 
     # -- helpers ---------------------------------------------------------------------
     def param_of(self, node: object) -> str | None:
+        """The parameter a value is a view of; rows of a >=3-D weight picked by index count too."""
         if not isinstance(node, Node):
             return None
-        return self.fqn_of.get(view_source(node))
+        src = view_source(node)
+        if is_op(src, INDEXING_OPS) and isinstance(src.args[0], Node):
+            base = view_source(src.args[0])
+            val = tensor_meta(base)
+            if base in self.fqn_of and val is not None and val.dim() >= 3:
+                return self.fqn_of[base]
+        return self.fqn_of.get(src)
 
     def set_param(self, fqn: str, role: str, why: str) -> None:
         if fqn not in self.param_role:
@@ -496,6 +503,10 @@ class _Classifier:
                             stack.append(u)
 
     def inherit_rest(self) -> None:
+        for node in self.nodes:  # views of a weight take the weight's role
+            fqn = self.param_of(node) if node.op == "call_function" and node in self.fwd else None
+            if fqn in self.param_role:
+                self.set_node(node, self.param_role[fqn], force=True)
         for node in self.nodes:  # producers first
             if node in self.node_role or node.op == "output":
                 continue
