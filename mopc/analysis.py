@@ -5,7 +5,9 @@ Fake tensors are tried first (nothing is allocated, so a trillion-parameter mode
 `meta` is analysed in seconds); a model whose routing reads token counts back to Python
 (`.tolist()`, data-dependent loops) cannot be traced symbolically, so it is then traced by
 running it once for real on its (small) weights: that follows the Python control flow of
-one concrete routing, which is exactly what sees through Dynamo's graph breaks.
+one concrete routing, which is exactly what sees through Dynamo's graph breaks. (The same
+fallback covers ops whose fake kernel is narrower than their CPU kernel, such as fp32
+`aten._grouped_mm`, whose meta function accepts bf16 only.)
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ class TracedStep:
 def _is_data_dependent(err: BaseException) -> bool:
     names = {"GuardOnDataDependentSymNode", "DataDependentOutputException", "DynamicOutputShapeException",
              "UnsupportedOperatorException", "PendingUnbackedSymbolNotFound"}
-    text = str(err)
     while err is not None:
-        if type(err).__name__ in names or "data-dependent" in text or "data dependent" in text:
+        text = str(err)
+        if type(err).__name__ in names or any(
+                s in text for s in ("data-dependent", "data dependent", "_local_scalar_dense")):
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -107,26 +110,29 @@ def trace_step(
         return loss, grads
 
     def run(mode: str, st: dict, a: tuple, kw: dict) -> GraphModule:
+        # a real trace follows one concrete routing; values read back to Python
+        # (`.item()`, `.tolist()`, range checks) become constants of this graph
+        extra = {"_error_on_data_dependent_ops": False} if mode == "real" else {}
         with fx_traceback.preserve_node_meta(), _quiet():
-            return make_fx(step, tracing_mode=mode)(st, a, kw)
+            return make_fx(step, tracing_mode=mode, **extra)(st, a, kw)
 
     try:
         gm, mode = run("fake", state, args, kwargs), "fake"
-    except Exception as err:  # noqa: BLE001 - we re-raise anything that is not data dependence
-        if not _is_data_dependent(err):
-            raise
+    except Exception as err:  # noqa: BLE001 - any failure of symbolic tracing falls back to one real step
         if any(t.device.type == "meta" for t in state.values()):
-            raise RuntimeError(
-                "this model's routing depends on token values (it reads counts back to Python), "
-                "so it can only be analysed by running it once; its parameters are on the meta "
-                "device. Build it on cpu at a small size to analyse it."
-            ) from err
+            if _is_data_dependent(err):
+                raise RuntimeError(
+                    "this model's routing depends on token values (it reads counts back to Python), "
+                    "so it can only be analysed by running it once; its parameters are on the meta "
+                    "device. Build it on cpu at a small size to analyse it."
+                ) from err
+            raise
         vocab = min((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), default=2)
         real = lambda x: _real_like(x, (0, vocab)) if isinstance(x, torch.Tensor) else x  # noqa: E731
         a = tuple(real(x) for x in args)
         kw = {k: real(v) for k, v in kwargs.items()}
-        log.info("fake tracing hit data-dependent routing (%s); tracing one real step instead",
-                 type(err).__name__)
+        log.info("fake tracing failed (%s: %s); tracing one real step instead",
+                 type(err).__name__, str(err).splitlines()[0][:200])
         gm, mode = run("real", state, a, kw), "real"
     placeholders = gm.graph.find_nodes(op="placeholder")
     fqns = {ph.name: name for ph, name in zip(placeholders, names)}
@@ -245,7 +251,8 @@ def analyze(
     roles = classify_graph(traced.gm, traced.param_fqns, set(traced.trainable), traced.num_fwd_outputs)
     costs = estimate_costs(traced.gm, roles.forward_nodes)
     params = dict(model.named_parameters())
-    param_roles = {k: roles.param_roles.get(k, "other") for k in params}
+    known = {**roles.buffer_roles, **roles.param_roles}  # frozen parameters are classified as state
+    param_roles = {k: known.get(k, "other") for k in params}
     return Analysis(
         param_roles=param_roles,
         roles=roles,

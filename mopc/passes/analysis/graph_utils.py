@@ -173,18 +173,27 @@ def descendants(starts: Iterable[Node], allowed: Callable[[Node], bool] = lambda
     return out
 
 
-def post_dominated(graph_nodes: list[Node], seeds: Iterable[Node], members: set[Node]) -> set[Node]:
+def post_dominated(
+    graph_nodes: list[Node],
+    seeds: Iterable[Node],
+    members: set[Node],
+    allowed: Callable[[Node], bool] = lambda n: True,
+) -> set[Node]:
     """Nodes (within `members`) all of whose users inside `members` lie in the region.
 
     The region starts as `seeds` and grows against data flow: a node joins once every one
     of its users among `members` is already in it. Used to find what is private to a
     component (a norm's statistics, an attention block's projections and RoPE).
+    `allowed` limits which nodes may join (a norm's region must not swallow the residual
+    stream that only feeds it, say).
     """
     region = set(seeds)
     # views kept only for the backward (AOT's `detach` of saved values) do not count as uses
     dead_ends = {n for n in members if is_op(n, VIEW_OPS) and not any(u in members for u in n.users)}
     for node in reversed(graph_nodes):
         if node in region or node not in members or node.op == "output" or node in dead_ends:
+            continue
+        if not allowed(node):
             continue
         users = [u for u in node.users if u in members and u not in dead_ends]
         if users and all(u in region for u in users):

@@ -34,6 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import torch
 from torch.fx import Graph, GraphModule, Node
 
 from mopc.passes.registry import register_pass
@@ -59,12 +60,15 @@ from mopc.passes.analysis.graph_utils import (
     walk_back,
 )
 
+aten = torch.ops.aten
+
 PARAM_ROLES = (
     "embedding", "attention", "norm", "dense_mlp", "router", "expert", "shared_expert",
     "vocab_projection", "other",
 )
 NODE_ROLES = PARAM_ROLES + ("dispatch", "combine", "loss")
 
+_SCALE_OPS = frozenset({aten.mul, aten.add, aten.addcmul, aten.sub})
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)(?:\.|$)")
 _INDEX_SEGMENT_RE = re.compile(r"\.(\d+)\.")
 
@@ -107,16 +111,40 @@ class RoleAnalysis:
     forward_nodes: frozenset[str] = field(default_factory=frozenset)
 
 
+_NORM_INTERNAL_OPS = frozenset({
+    aten.pow, aten.mean, aten.var, aten.var_mean, aten.rsqrt, aten.sqrt, aten.div, aten.mul, aten.square,
+    aten.reciprocal, aten._to_copy, aten.detach, aten.sub,
+})
+
+
+def _is_norm_internal(node: Node) -> bool:
+    """Ops a normalisation is made of; `add` only with a constant (the epsilon)."""
+    if _is_getitem(node):
+        return True
+    if node.op != "call_function":
+        return False
+    if is_op(node, _NORM_INTERNAL_OPS) or is_op(node, NORM_OPS):
+        return True
+    return is_op(node, frozenset({aten.add})) and sum(isinstance(a, Node) for a in node.args) == 1
+
+
 def _is_getitem(node: Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem
 
 
-def _forward_nodes(graph: Graph, num_fwd_outputs: int) -> set[Node]:
+def _live_forward(graph: Graph, num_fwd_outputs: int) -> set[Node]:
+    """Ancestors of the forward outputs: the forward nodes whose values are used."""
     out_node = graph.find_nodes(op="output")[0]
     outs = out_node.args[0]
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     fwd_outs = [o for o in outs[:num_fwd_outputs] if isinstance(o, Node)]
-    fwd, _ = walk_back(fwd_outs, stop=lambda n: False)
+    live, _ = walk_back(fwd_outs, stop=lambda n: False)
+    return live
+
+
+def _forward_nodes(graph: Graph, live: set[Node]) -> set[Node]:
+    """Live forward nodes plus forward-only leftovers (values kept for the backward)."""
+    fwd = set(live)
     tangents = {n for n in graph.nodes if n.op == "placeholder" and "tangent" in n.name}
     after_tangent = descendants(tangents)
     for node in graph.nodes:
@@ -149,7 +177,8 @@ class _Classifier:
             n: param_fqns[n.name] for n in self.nodes if n.op == "placeholder" and n.name in param_fqns
         }
         self.trainable = trainable
-        self.fwd = _forward_nodes(graph, num_fwd_outputs)
+        self.live = _live_forward(graph, num_fwd_outputs)
+        self.fwd = _forward_nodes(graph, self.live)
         self.param_role: dict[str, str] = {}
         self.evidence: dict[str, str] = {}
         self.node_role: dict[Node, str] = {}
@@ -158,14 +187,14 @@ class _Classifier:
 
     # -- helpers ---------------------------------------------------------------------
     def param_of(self, node: object) -> str | None:
-        """The parameter a value is a view of; rows of a >=3-D weight picked by index count too."""
+        """The parameter a value is a view of; rows of a weight picked by index count too."""
         if not isinstance(node, Node):
             return None
         src = view_source(node)
         if is_op(src, INDEXING_OPS) and isinstance(src.args[0], Node):
             base = view_source(src.args[0])
             val = tensor_meta(base)
-            if base in self.fqn_of and val is not None and val.dim() >= 3:
+            if base in self.fqn_of and val is not None and val.dim() >= 2:
                 return self.fqn_of[base]
         return self.fqn_of.get(src)
 
@@ -267,8 +296,10 @@ class _Classifier:
                      and tensor_meta(view_source(i)) is not None and tensor_meta(view_source(i)).dim() == 1]
             if not one_d:
                 continue
+            if node in self.sites:
+                continue
             is_norm = is_op(node, NORM_OPS)
-            if not is_norm and node.target.__name__.startswith(("mul", "add")):
+            if not is_norm and is_op(node, _SCALE_OPS):
                 others = [i for i in tensor_inputs(node) if i not in one_d]
                 near, _ = walk_back(others, stop=lambda n: n in self.sites or n.op == "placeholder",
                                     allowed=lambda n: n in self.fwd, max_nodes=12)
@@ -278,7 +309,7 @@ class _Classifier:
                 for i in one_d:
                     self.set_param(self.param_of(i), "norm", "structure: scales an rsqrt-normalised tensor")
                 self.set_node(node, "norm")
-                region = post_dominated(self.nodes, [node], self.fwd)
+                region = post_dominated(self.nodes, [node], self.live, allowed=_is_norm_internal)
                 for n in region:
                     if n.op == "call_function":
                         self.set_node(n, "norm")
@@ -293,11 +324,16 @@ class _Classifier:
             router_sites = [self.sites[n] for n in front if n in self.sites and self.sites[n].weights]
             if router_sites and not any(self.site_role(s) == "vocab_projection" for s in router_sites):
                 scored[node] = (visited, router_sites)
+        claimed: set[Node] = set()
         for node, (visited, router_sites) in scored.items():
             # in group-limited routing only the last topk of the chain picks experts
             if any(node in other_visited and {s.node for s in other_sites} == {s.node for s in router_sites}
                    for other, (other_visited, other_sites) in scored.items() if other is not node):
                 continue
+            # a later topk over gates already routed (an auxiliary balancing loss) is no block
+            if claimed & {s.node for s in router_sites}:
+                continue
+            claimed |= {s.node for s in router_sites}
             site = router_sites[0]
             fqn = site.weights[0]
             num_experts = int(tensor_meta(node.args[0]).shape[-1])
@@ -306,9 +342,10 @@ class _Classifier:
                     self.set_param(w, "router", "structure: matmul scored by a routing topk")
                 self.set_node(s.node, "router", force=True)
             for n in visited | {node}:
-                if n.op == "placeholder" and self.fqn_of.get(n):
-                    self.set_param(self.fqn_of[n], "router", "structure: bias on routing scores")
                 self.set_node(n, "router")
+                for i in tensor_inputs(n):
+                    if i.op == "placeholder" and self.fqn_of.get(i):
+                        self.set_param(self.fqn_of[i], "router", "structure: bias on routing scores")
             for user in node.users:
                 self.set_node(user, "router")
             block_input = view_source(site.acts[0]) if site.acts else site.node
@@ -334,8 +371,7 @@ class _Classifier:
                 _, front = self.frontier([node.args[0]])
                 qk = [n for n in front if is_op(n, MATMUL_OPS) and not self.sites.get(n, _Site(n, [], [])).weights]
                 pv = [u for u in descendants([node], allowed=lambda n: n in self.fwd and (
-                    is_op(n, VIEW_OPS) or is_op(n, MATMUL_OPS) or n.target.__name__.startswith("_to_copy")
-                    or "dropout" in str(n.target)))
+                    is_op(n, VIEW_OPS) or is_op(n, MATMUL_OPS) or _is_getitem(n) or "dropout" in str(n.target)))
                     if is_op(u, MATMUL_OPS) and not self.sites.get(u, _Site(u, [], [])).weights]
                 if qk and pv:
                     score_path, _ = self.frontier([node.args[0]])
@@ -346,7 +382,7 @@ class _Classifier:
 
     def label_attention(self) -> None:
         for core, ins, outs in self._attention_cores():
-            region = post_dominated(self.nodes, core, self.fwd)
+            region = post_dominated(self.nodes, core, self.live)
             for n in region:
                 if n in self.sites:
                     for w in self.sites[n].weights:
@@ -447,9 +483,9 @@ class _Classifier:
             if role is not None:
                 self.set_node(node, role, force=True)
                 continue
-            visited, front = self.frontier(site.acts)
+            _, front = self.frontier(site.acts)
             reads_block = any(view_source(a).name in block_inputs for a in site.acts) or any(
-                n.name in block_inputs for n in visited) or any(f in shared_sites for f in front)
+                f in shared_sites for f in front)
             role = "shared_expert" if reads_block else "dense_mlp"
             why = "structure: unrouted matmul on the MoE block input" if reads_block else "structure: matmul outside attention and MoE"
             for w in site.weights:
@@ -457,13 +493,18 @@ class _Classifier:
             if reads_block:
                 shared_sites.add(node)
             self.set_node(node, role, force=True)
-        # biases and scales added to a labelled matmul output take its role
+        # per-channel biases and scales of a labelled matmul output take its role (a scalar,
+        # such as a learned logit temperature, stays "other")
         for node in self.nodes:
             if node not in self.fwd or node.op != "call_function":
                 continue
+            out = tensor_meta(node)
             for i in tensor_inputs(node):
                 fqn = self.param_of(i)
-                if fqn and fqn not in self.param_role:
+                val = tensor_meta(i)
+                per_channel = (val is not None and out is not None and val.numel() > 1 and val.dim() >= 1
+                               and out.dim() >= 1 and val.shape[-1] == out.shape[-1])
+                if fqn and fqn not in self.param_role and per_channel:
                     others = [self.node_role.get(view_source(o)) for o in tensor_inputs(node) if o is not i]
                     others = [r for r in others if r in PARAM_ROLES]
                     if others:
@@ -598,12 +639,15 @@ class _Classifier:
         params = {}
         buffers = {}
         for node, fqn in self.fqn_of.items():
-            role = self.param_role.get(fqn) or self.node_role.get(node, "other")
+            trainable = fqn in self.trainable
+            # parameters no rule matched are "other"; buffers (RoPE tables, masks) take
+            # the role of the nodes that read them
+            role = self.param_role.get(fqn) or ("other" if trainable else self.node_role.get(node, "other"))
             if role not in PARAM_ROLES:
                 role = "other"
-            (params if fqn in self.trainable else buffers)[fqn] = role
+            (params if trainable else buffers)[fqn] = role
             if fqn not in self.evidence:
-                self.evidence[fqn] = "inherited from its users"
+                self.evidence[fqn] = "no rule matched" if trainable else "role of its readers"
         for node in self.nodes:
             if node.op == "placeholder" and self.fqn_of.get(node) in params:
                 self.node_role[node] = params[self.fqn_of[node]]
