@@ -107,3 +107,19 @@ nll_loss_forward: aten.nll_loss_forward -> loss
 getitem_2: getitem -> loss
 getitem_3: getitem -> loss
 ones_like: aten.ones_like -> loss""")
+
+
+def test_expert_flops_count_grouped_matmuls_forward_and_backward():
+    from mopc.models.presets import build_model
+
+    model = build_model("tiny", seed=0)
+    cfg = model.config
+    batch, seq = 2, 16
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    analysis = analyze(model, {"input_ids": ids, "labels": ids})
+    expert_flops = sum(analysis.costs.flops[n] for n, r in analysis.roles.node_roles.items()
+                       if r == "expert" and analysis.roles.node_layers[n] == 1)
+    routed_rows = batch * seq * cfg.top_k
+    per_matmul = 2 * routed_rows * cfg.dim * cfg.moe_inter_dim
+    # w1, w3, w2: one forward matmul, one input-gradient and one weight-gradient matmul each
+    assert expert_flops == 3 * 3 * per_matmul

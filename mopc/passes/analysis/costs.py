@@ -59,7 +59,11 @@ def node_flops(node: Node) -> int:
     if node.op != "call_function":
         return 0
     packet = packet_of(node)
-    if packet is getattr(aten, "_grouped_mm", object()):
+    name = getattr(packet, "_qualified_op_name", "")
+    if name.endswith("grouped_mm_weight_grad"):  # mopc's dW: x [M, K], grad [M, N]
+        x, g = _shape(node.args[0]), _shape(node.args[1])
+        return 2 * x[0] * x[1] * g[1] if x and g else 0
+    if "grouped_mm" in name:  # aten._grouped_mm, mopc::grouped_mm, transformers' fallback op
         return _grouped_mm_flops(node)
     packet = _ALIASES.get(packet, packet)
     formula = flop_registry.get(packet)
