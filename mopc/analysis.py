@@ -79,6 +79,18 @@ def _is_data_dependent(err: BaseException) -> bool:
     return False
 
 
+def _is_fake_kernel_limit(err: BaseException) -> bool:
+    """An op whose fake (meta) kernel rejects what its real kernel accepts."""
+    while err is not None:
+        tb = err.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith("_meta_registrations.py"):
+                return True
+            tb = tb.tb_next
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _real_like(t: torch.Tensor, low_high: tuple[int, int]) -> torch.Tensor:
     if t.device.type != "meta" and not isinstance(t, torch._subclasses.FakeTensor):
         return t
@@ -101,6 +113,11 @@ def trace_step(
     state = {**params, **buffers}
     names = list(state)
 
+    if not trainable_names:
+        raise ValueError("mopc.analyze: the model has no parameter with requires_grad=True, so there is no "
+                         "training step to analyse; unfreeze at least one parameter")
+
+    @torch.enable_grad()  # analysing under torch.no_grad() still traces the backward
     def step(state: dict, args: tuple, kwargs: dict) -> tuple:
         out = torch.func.functional_call(model, state, args, kwargs)
         loss = loss_fn(out)
@@ -118,7 +135,9 @@ def trace_step(
 
     try:
         gm, mode = run("fake", state, args, kwargs), "fake"
-    except Exception as err:  # noqa: BLE001 - any failure of symbolic tracing falls back to one real step
+    except Exception as err:  # noqa: BLE001 - filtered just below
+        if not (_is_data_dependent(err) or _is_fake_kernel_limit(err)):
+            raise
         if any(t.device.type == "meta" for t in state.values()):
             if _is_data_dependent(err):
                 raise RuntimeError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from torch.fx import GraphModule
 
 from mopc.capture import GraphInputs, describe_inputs, joint_param_fqns, next_graph_id
-from mopc.config import MoPConfig
+from mopc.config import MoPConfig, MoPConfigError
 from mopc.passes.dump import DumpWriter
 from mopc.passes.pipeline import Pipeline, PassContext, build_pipeline
 
@@ -59,20 +60,19 @@ class _Compilation:
     def __init__(self, gm: GraphModule, example_inputs: Sequence[Any], config: MoPConfig) -> None:
         self.config = config
         self.graph_id = next_graph_id()
-        self.inputs: GraphInputs = describe_inputs(gm, example_inputs)
+        self.inputs: GraphInputs = describe_inputs(gm)
         self.lowering = resolve_lowering(config, example_inputs)
         self.pipeline: Pipeline = build_pipeline(config)
         self.writer: DumpWriter | None = None
-        self.ctx: PassContext | None = None
 
     def _run_pipeline(self, graph: GraphModule, inputs: Sequence[Any], num_fwd_outputs: int) -> GraphModule:
         fqns = joint_param_fqns(graph, self.inputs)
-        self.ctx = PassContext(
+        ctx = PassContext(
             config=self.config, example_inputs=inputs, param_fqns=fqns, trainable=self.inputs.trainable,
             num_fwd_outputs=num_fwd_outputs, graph_id=self.graph_id,
         )
-        self.writer = self.pipeline.make_writer(self.ctx)
-        graph = self.pipeline.run(graph, self.ctx, self.writer)
+        self.writer = self.pipeline.make_writer(ctx)
+        graph = self.pipeline.run(graph, ctx, self.writer)
         log.info("mop: graph %s: %d nodes after %d passes (%s)", self.graph_id, len(graph.graph.nodes),
                  len(self.pipeline.passes), ", ".join(self.pipeline.names))
         return graph
@@ -81,11 +81,13 @@ class _Compilation:
                   **kwargs: Any) -> tuple[GraphModule, GraphModule]:
         joint = self._run_pipeline(joint, joint_inputs, num_fwd_outputs)
         split = min_cut_rematerialization_partition if self.config.partitioner == "min_cut" else default_partition
+        start = time.perf_counter()
         fw, bw = split(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         if self.writer is not None:
-            note = f"{self.config.partitioner} partitioner"
-            self.writer.write("forward", fw, kind="partition", seconds=0.0, diff=None, note=note)
-            self.writer.write("backward", bw, kind="partition", seconds=0.0, diff=None, note=note)
+            note = f"{self.config.partitioner} partitioner split the joint graph"
+            seconds = time.perf_counter() - start
+            self.writer.write("forward", fw, kind="partition", seconds=seconds, diff=None, note=note)
+            self.writer.write("backward", bw, kind="partition", seconds=seconds, diff=None, note=note)
         return fw, bw
 
     def inference(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -109,7 +111,10 @@ class _Compilation:
 def mop(gm: GraphModule, example_inputs: Sequence[Any], options: dict | MoPConfig | None = None,
         **kwargs: Any) -> Callable:
     """The `mop` Dynamo backend. `options` are :class:`mopc.MoPConfig` fields."""
-    if options is None and kwargs:
-        options = kwargs
+    if kwargs:
+        raise MoPConfigError(
+            f"torch.compile(..., backend='mop') does not take {', '.join(f'{k}=' for k in kwargs)}; "
+            "pass mop's settings as options={...} (fields of mopc.MoPConfig)"
+        )
     config = MoPConfig.from_options(options)
     return _Compilation(gm, example_inputs, config).compile(gm, example_inputs)

@@ -1,16 +1,16 @@
-"""Capture: a Dynamo graph becomes a joint forward+backward ATen graph (AOTAutograd).
+"""Capture: what each input of a Dynamo graph is, and where it lands in the joint graph.
 
-The joint graph is handed to mopc's pass pipeline inside AOTAutograd's `partition_fn`,
-which sees forward and backward together before they are split; the forward and
-backward graphs that come out are then lowered (see `mopc.backend`).
+`mopc.backend` hands the Dynamo graph to AOTAutograd, whose joint forward+backward graph
+reaches mopc's passes inside `partition_fn`. Passes need to know which joint-graph
+inputs are which parameters; this module works that out from Dynamo's sources.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -24,6 +24,7 @@ _PART_RE = re.compile(
 )
 
 _graph_counter = itertools.count()
+log = logging.getLogger("mopc")
 
 
 def fqn_from_source(source_name: str) -> str | None:
@@ -52,7 +53,7 @@ class GraphInputs:
     trainable: frozenset[str]
 
 
-def describe_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphInputs:
+def describe_inputs(gm: GraphModule) -> GraphInputs:
     """Module paths of the graph's inputs, in the order AOTAutograd lifts them."""
     names: list[str | None] = []
     trainable: set[str] = set()
@@ -66,10 +67,13 @@ def describe_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphInpu
     for ph in gm.graph.find_nodes(op="placeholder"):
         grapharg = ph.meta.get("grapharg")
         source = getattr(grapharg, "source", None)
-        fqn = fqn_from_source(source.name) if source is not None else None
+        source_name = getattr(source, "name", None)
+        if callable(source_name):  # a method on older torch releases, a property on newer
+            source_name = source_name()
+        fqn = fqn_from_source(source_name) if isinstance(source_name, str) else None
         example = getattr(grapharg, "example", None)
-        is_module_state = isinstance(example, torch.nn.Parameter) or (
-            fqn is not None and ("_buffers[" in source.name or "_parameters[" in source.name))
+        is_module_state = fqn is not None and (
+            isinstance(example, torch.nn.Parameter) or "_buffers[" in source_name or "_parameters[" in source_name)
         names.append(fqn if is_module_state else None)
         if is_module_state and isinstance(example, torch.nn.Parameter) and example.requires_grad:
             trainable.add(fqn)
@@ -79,7 +83,15 @@ def describe_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphInpu
 def joint_param_fqns(joint: GraphModule, inputs: GraphInputs) -> dict[str, str]:
     """Joint-graph placeholder name (`primals_3`) -> module path, for module state only."""
     placeholders = joint.graph.find_nodes(op="placeholder")
-    return {ph.name: name for ph, name in zip(placeholders, inputs.names) if name is not None}
+    primals = [ph for ph in placeholders if not ph.name.startswith("tangents")]
+    # AOTAutograd may put extra inputs (side-effect tokens) before the user's; the
+    # user's inputs are the last len(names) primals
+    offset = len(primals) - len(inputs.names)
+    if offset < 0:
+        log.warning("joint graph has %d primal inputs for %d graph inputs; parameter names not attached",
+                    len(primals), len(inputs.names))
+        return {}
+    return {ph.name: name for ph, name in zip(primals[offset:], inputs.names) if name is not None}
 
 
 def next_graph_id(kind: str = "g") -> str:

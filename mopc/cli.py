@@ -86,6 +86,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mopc", description="Mixture-of-Parallelisms compiler")
     parser.add_argument("-v", "--verbose", action="store_true", help="log mopc's passes (logger 'mopc')")
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train a preset on synthetic data with backend='mop'")
     p.add_argument("--model", default="tiny")
     p.add_argument("--backend", default="mop", help="mop, eager, aot_eager, inductor")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=_positive, default=10)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)

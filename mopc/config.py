@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 
@@ -67,8 +68,13 @@ class MoPConfig:
                     f"unknown mop option {key!r}.{hint} Accepted options: {', '.join(sorted(known))}"
                 )
         values = dict(options)
-        if isinstance(values.get("disable_passes"), (list, set)):
-            values["disable_passes"] = tuple(values["disable_passes"])
+        passes = values.get("disable_passes")
+        if isinstance(passes, str):  # "a,b" as in MOPC_DISABLE_PASSES
+            values["disable_passes"] = tuple(p.strip() for p in passes.split(",") if p.strip())
+        elif isinstance(passes, (list, set)):
+            values["disable_passes"] = tuple(passes)
+        if isinstance(values.get("dump_dir"), os.PathLike):
+            values["dump_dir"] = os.fspath(values["dump_dir"])
         return cls(**values)
 
     def replace(self, **changes: Any) -> MoPConfig:
@@ -116,4 +122,4 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         raise MoPConfigError(f"mop option {name}={value!r} must be a {hint.__name__}")
 
 
-__all__ = ["MoPConfig", "MoPConfigError", "field"]
+__all__ = ["MoPConfig", "MoPConfigError"]

@@ -123,3 +123,27 @@ def test_expert_flops_count_grouped_matmuls_forward_and_backward():
     per_matmul = 2 * routed_rows * cfg.dim * cfg.moe_inter_dim
     # w1, w3, w2: one forward matmul, one input-gradient and one weight-gradient matmul each
     assert expert_flops == 3 * 3 * per_matmul
+
+
+def test_analyze_under_no_grad_and_clear_error_when_frozen():
+    import pytest
+
+    from mopc.models.presets import build_model
+
+    model = build_model("tiny", seed=0)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        analysis = analyze(model, (ids, ids))
+    assert analysis.param_roles["output.weight"] == "vocab_projection"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        analyze(model, (ids, ids))
+
+
+def test_analyze_reraises_user_errors_instead_of_running_for_real():
+    import pytest
+
+    model = nn.Linear(4, 2)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied|size mismatch|mat1 and mat2"):
+        analyze(model, (torch.randn(3, 5),))

@@ -188,3 +188,21 @@ def test_collectives_over_mesh_subgroups_at_scale(mesh_3d, tmp_path):
     assert w.grad.shape == (3, 4)
     text = next(tmp_path.iterdir()).joinpath("03_annotate_roles.txt").read_text()
     assert "f32[6, 4] = _c10d_functional.all_gather_into_tensor" in text  # ep axis has 2 ranks
+
+
+def test_dynamic_shapes_compile_once():
+    """Analysis must not specialise symbolic sizes (it would force a recompile per size)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    counter = CompileCounterWithBackend("mop")
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    for batch in (3, 5, 7):
+        compiled(torch.randn(batch, 4)).sum().backward()
+    assert counter.frame_count == 1
+
+
+def test_torch_compile_mode_is_refused_clearly():
+    compiled = torch.compile(nn.Linear(4, 4), backend="mop", mode="reduce-overhead")
+    with pytest.raises(Exception, match="does not take mode=; pass mop's settings as options"):
+        compiled(torch.randn(2, 4))

@@ -120,7 +120,10 @@ class DumpWriter:
               diff: dict[str, int] | None, note: str = "", roles: Any = None) -> Path:
         index = len(self.entries)
         path = self.dir / f"{index:02d}_{_safe(step_name)}.txt"
-        diff_text = ", ".join(f"{'+' if v > 0 else ''}{v} {k}" for k, v in (diff or {}).items()) or "no change"
+        if diff is None:
+            diff_text = "n/a (not a rewrite of the previous graph)"
+        else:
+            diff_text = ", ".join(f"{'+' if v > 0 else ''}{v} {k}" for k, v in diff.items()) or "no change"
         header = [
             f"# mopc graph {self.dir.name!r} after {step_name} ({kind}, {seconds * 1e3:.2f} ms)",
             f"# op-count diff: {diff_text}",

@@ -44,6 +44,16 @@ class PassContext:
         return self.results[pass_name]
 
 
+# The default pipeline, top to bottom. Passes registered elsewhere (extensions, tests)
+# run after these, in their registered `order`.
+PIPELINE: tuple[str, ...] = (
+    "classify_roles",   # analysis: the role and layer of every parameter and node
+    "count_costs",      # analysis: flops and bytes per node, bytes the backward reads
+    "annotate_roles",   # meta: roles and layers into node.meta for later passes and dumps
+)
+ROLES_ANNOTATED_BY = "annotate_roles"
+
+
 def _load_passes() -> None:
     # importing the pass modules registers them
     import mopc.passes.analysis.costs  # noqa: F401
@@ -86,15 +96,17 @@ class Pipeline:
             if spec.kind == "analysis":
                 ctx.results[spec.name] = fn(gm, ctx)
             else:
+                existing = set(gm.graph.nodes)
                 out = fn(gm, ctx)
                 if not isinstance(out, GraphModule):
                     raise TypeError(f"rewrite pass {spec.name!r} returned {type(out).__name__}, not a GraphModule")
                 gm = out
-                for node in gm.graph.nodes:
-                    node.meta.setdefault("mopc_created_by", spec.name)
+                for node in gm.graph.nodes:  # new nodes, even ones that copied another node's meta
+                    if node not in existing:
+                        node.meta["mopc_created_by"] = spec.name
                 gm.recompile()
             seconds = time.perf_counter() - start
-            roles_done = roles_done or spec.name == "annotate_roles"
+            roles_done = roles_done or spec.name == ROLES_ANNOTATED_BY
             log.debug("pass %s on %s: %.2f ms", spec.name, ctx.graph_id, seconds * 1e3)
             if self.debug:
                 verify_graph(gm, after_pass=spec.name, roles_required=roles_done)
@@ -114,8 +126,9 @@ def build_pipeline(config: MoPConfig, extra_disabled: Sequence[str] = ()) -> Pip
             f"disable_passes names unknown pass(es) {', '.join(map(repr, unknown))}; "
             f"known passes: {', '.join(sorted(PASSES))}"
         )
-    chosen = [p for p in sorted(PASSES.values(), key=lambda p: p.order)
-              if p.name not in disabled and p.enabled(config)]
+    extra = sorted((p for p in PASSES.values() if p.name not in PIPELINE), key=lambda p: p.order)
+    ordered = [PASSES[name] for name in PIPELINE] + extra
+    chosen = [p for p in ordered if p.name not in disabled and p.enabled(config)]
     seen: set[str] = set()
     for spec in chosen:
         for req in spec.requires:

@@ -30,7 +30,7 @@ class PassSpec:
     """Whether the pass belongs in the pipeline for a config."""
     options_from_config: Callable[[MoPConfig], dict[str, Any]]
     order: int
-    """Position in the flat pipeline (registration order unless given)."""
+    """Position among passes that are not in `pipeline.PIPELINE` (extensions, tests)."""
 
     @property
     def doc(self) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.utils.flop_counter import flop_registry
 
-from mopc.passes.analysis.graph_utils import node_bytes, packet_of
+from mopc.passes.analysis.graph_utils import node_bytes, packet_of, shape_hint
 from mopc.passes.registry import register_pass
 
 aten = torch.ops.aten
@@ -24,12 +24,8 @@ aten = torch.ops.aten
 def _shape(x: Any) -> tuple[int, ...] | None:
     if isinstance(x, Node):
         x = x.meta.get("val")
-    if isinstance(x, torch.Tensor):
-        try:
-            return tuple(int(s) for s in x.shape)
-        except (TypeError, RuntimeError):
-            return None
-    return None
+    shape = shape_hint(x)
+    return None if shape is None or None in shape else shape  # type: ignore[return-value]
 
 
 def _grouped_mm_flops(node: Node) -> int:
@@ -45,6 +41,10 @@ def _grouped_mm_flops(node: Node) -> int:
     if len(a) == 3 and len(b) == 3:  # batched
         return 2 * a[0] * a[1] * a[2] * b[2]
     return 0
+
+
+class _NoHint(Exception):
+    pass
 
 
 _ALIASES = {
@@ -71,13 +71,20 @@ def node_flops(node: Node) -> int:
         return 0
 
     def val(x: Any) -> Any:
-        return x.meta.get("val") if isinstance(x, Node) else x
+        v = x.meta.get("val") if isinstance(x, Node) else x
+        if isinstance(v, torch.Tensor):  # concrete sizes, so no formula guards a symbolic one
+            shape = shape_hint(v)
+            if shape is None or None in shape:
+                raise _NoHint
+            return torch.empty(shape, dtype=v.dtype, device="meta")
+        return v
 
-    args = torch.utils._pytree.tree_map(val, node.args)
-    kwargs = torch.utils._pytree.tree_map(val, node.kwargs)
     try:
-        return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
-    except Exception:  # a formula that does not fit this overload's arguments
+        args = torch.utils._pytree.tree_map(val, node.args)
+        kwargs = torch.utils._pytree.tree_map(val, node.kwargs)
+        out = torch.utils._pytree.tree_map(val, node.meta.get("val"))
+        return int(formula(*args, **kwargs, out_val=out))
+    except Exception:  # no size hint, or a formula that does not fit this overload's arguments
         return 0
 
 
@@ -110,7 +117,7 @@ def estimate_costs(gm: GraphModule, forward_nodes: frozenset[str] | set[str]) ->
     return CostAnalysis(flops=flops, out_bytes=out_bytes, saved_bytes=saved)
 
 
-@register_pass(kind="analysis", requires=("classify_roles",), order=110)
+@register_pass(kind="analysis", requires=("classify_roles",))
 def count_costs(gm: GraphModule, ctx) -> CostAnalysis:  # noqa: ANN001 - PassContext
     """Flops and output bytes of every node; bytes of forward values the backward reads.
 

@@ -6,6 +6,7 @@ overloads and the packet itself match (`aten.mm` and `aten.mm.default`).
 
 from __future__ import annotations
 
+import collections
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -103,6 +104,24 @@ COMBINE_OPS = _packets(
 RSQRT_LIKE_OPS = _packets(_aten.rsqrt, _aten.reciprocal, _aten.sqrt, _aten.div, _aten.var_mean, _aten.var)
 
 
+def size_hint(size: object) -> int | None:
+    """An int for a size without adding a guard: symbolic sizes give their hint (or None).
+
+    Analysis must never specialise a dynamic shape: `int(symint)` would add a guard and
+    make Dynamo recompile for every new size.
+    """
+    if isinstance(size, int):
+        return size
+    if isinstance(size, torch.SymInt):
+        node = size.node
+        return node.hint if getattr(node, "has_hint", lambda: False)() else None
+    return None
+
+
+def shape_hint(val: object) -> tuple[int | None, ...] | None:
+    return tuple(size_hint(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
 def tensor_meta(node: object) -> torch.Tensor | None:
     """The example value (`meta["val"]`) of a node if it is a tensor."""
     if not isinstance(node, Node):
@@ -146,10 +165,10 @@ def walk_back(
     """
     visited: set[Node] = set()
     frontier: list[Node] = []
-    queue = list(starts)
+    queue = collections.deque(starts)
     seen: set[Node] = set()
     while queue and len(seen) < max_nodes:
-        node = queue.pop()
+        node = queue.popleft()
         if node in seen or not allowed(node):
             continue
         seen.add(node)
@@ -207,14 +226,16 @@ def iter_call_functions(graph: Graph) -> Iterator[Node]:
 
 
 def node_bytes(node: Node) -> int:
-    """Bytes of a node's tensor outputs, from `meta["val"]` (0 when symbolic or absent)."""
+    """Bytes of a node's tensor outputs, from `meta["val"]` (size hints for symbolic shapes,
+    0 when a size has no hint)."""
     val = node.meta.get("val")
     vals = val if isinstance(val, (list, tuple)) else [val]
     total = 0
     for v in vals:
-        if isinstance(v, torch.Tensor):
-            try:
-                total += int(v.numel()) * v.element_size()
-            except (TypeError, RuntimeError):  # unbacked symbolic sizes
-                pass
+        shape = shape_hint(v)
+        if shape is not None and None not in shape:
+            numel = 1
+            for s in shape:
+                numel *= s
+            total += numel * v.element_size()
     return total

@@ -54,6 +54,8 @@ from mopc.passes.analysis.graph_utils import (
     descendants,
     is_op,
     post_dominated,
+    shape_hint,
+    size_hint,
     tensor_inputs,
     tensor_meta,
     view_source,
@@ -176,6 +178,7 @@ class _Classifier:
         self.fqn_of: dict[Node, str] = {
             n: param_fqns[n.name] for n in self.nodes if n.op == "placeholder" and n.name in param_fqns
         }
+        self.placeholder_of = {f: n for n, f in self.fqn_of.items()}
         self.trainable = trainable
         self.live = _live_forward(graph, num_fwd_outputs)
         self.fwd = _forward_nodes(graph, self.live)
@@ -274,7 +277,7 @@ class _Classifier:
                 if isinstance(out, Node):
                     src = view_source(out)
                     val = tensor_meta(src)
-                    if src in self.sites and val is not None and vocab and val.shape[-1] == vocab:
+                    if src in self.sites and val is not None and vocab and size_hint(val.shape[-1]) == vocab:
                         vocab_sites.append(self.sites[src])
         for site in vocab_sites:
             for w in site.weights:
@@ -284,8 +287,8 @@ class _Classifier:
     def _vocab_size(self) -> int | None:
         for fqn, role in self.param_role.items():
             if role == "embedding":
-                ph = next(n for n, f in self.fqn_of.items() if f == fqn)
-                return int(tensor_meta(ph).shape[0])
+                ph = self.placeholder_of[fqn]
+                return size_hint(tensor_meta(ph).shape[0])
         return None
 
     def label_norms(self) -> None:
@@ -336,7 +339,7 @@ class _Classifier:
             claimed |= {s.node for s in router_sites}
             site = router_sites[0]
             fqn = site.weights[0]
-            num_experts = int(tensor_meta(node.args[0]).shape[-1])
+            num_experts = size_hint(tensor_meta(node.args[0]).shape[-1]) or -1
             for s in router_sites:
                 for w in s.weights:
                     self.set_param(w, "router", "structure: matmul scored by a routing topk")
@@ -427,7 +430,7 @@ class _Classifier:
             site = self.sites.get(node)
             if site is None or not site.weights or self.site_role(site) is not None:
                 continue
-            if any(tensor_meta(next(p for p, f in self.fqn_of.items() if f == w)).dim() >= 3 for w in site.weights):
+            if any(tensor_meta(self.placeholder_of[w]).dim() >= 3 for w in site.weights):
                 for w in site.weights:
                     self.set_param(w, "expert", "structure: 3-D weight in a batched or grouped matmul")
                 expert_sites.add(node)
@@ -452,25 +455,26 @@ class _Classifier:
                     break
 
     def _label_siblings_under(self, prefix: str, num_experts: int) -> bool:
-        found = False
-        if True:
-            groups: dict[str, set[str]] = defaultdict(set)
-            for fqn in self.fqn_of.values():
-                if fqn.startswith(prefix) and fqn not in self.param_role:
-                    rest = fqn[len(prefix):]
-                    match = _INDEX_SEGMENT_RE.search("." + rest)
-                    if match:
-                        key = ("." + rest)[: match.start()] + ".*." + ("." + rest)[match.end():]
-                        groups[key].add(match.group(1))
-            for key, idxs in groups.items():
-                if len(idxs) == num_experts:
-                    found = True
-                    for fqn in list(self.fqn_of.values()):
-                        rest = "." + fqn[len(prefix):] if fqn.startswith(prefix) else ""
-                        m = _INDEX_SEGMENT_RE.search(rest)
-                        if m and rest[: m.start()] + ".*." + rest[m.end():] == key:
-                            self.set_param(fqn, "expert", "names: module list as long as the router's expert count")
-        return found
+        def pattern(fqn: str) -> tuple[str, str] | None:
+            """`prefix.experts.3.w1.weight` -> (`.experts.*.w1.weight`, `3`)."""
+            rest = "." + fqn[len(prefix):]
+            match = _INDEX_SEGMENT_RE.search(rest)
+            if not fqn.startswith(prefix) or not match:
+                return None
+            return rest[: match.start()] + ".*." + rest[match.end():], match.group(1)
+
+        groups: dict[str, set[str]] = defaultdict(set)
+        members: dict[str, list[str]] = defaultdict(list)
+        for fqn in self.fqn_of.values():
+            found = pattern(fqn) if fqn not in self.param_role else None
+            if found:
+                groups[found[0]].add(found[1])
+                members[found[0]].append(fqn)
+        matched = [key for key, idxs in groups.items() if len(idxs) == num_experts]
+        for key in matched:
+            for fqn in members[key]:
+                self.set_param(fqn, "expert", "names: module list as long as the router's expert count")
+        return bool(matched)
 
     def label_shared_and_dense(self) -> None:
         block_inputs = {b.block_input_node for b in self.blocks}
@@ -498,13 +502,13 @@ class _Classifier:
         for node in self.nodes:
             if node not in self.fwd or node.op != "call_function":
                 continue
-            out = tensor_meta(node)
             for i in tensor_inputs(node):
                 fqn = self.param_of(i)
-                val = tensor_meta(i)
-                per_channel = (val is not None and out is not None and val.numel() > 1 and val.dim() >= 1
-                               and out.dim() >= 1 and val.shape[-1] == out.shape[-1])
-                if fqn and fqn not in self.param_role and per_channel:
+                if not fqn or fqn in self.param_role:
+                    continue
+                val, out = shape_hint(tensor_meta(i)), shape_hint(tensor_meta(node))
+                per_channel = bool(val and out and val[-1] == out[-1] and val[-1] not in (None, 1))
+                if per_channel:
                     others = [self.node_role.get(view_source(o)) for o in tensor_inputs(node) if o is not i]
                     others = [r for r in others if r in PARAM_ROLES]
                     if others:
@@ -683,7 +687,7 @@ def classify_graph(
     return _Classifier(gm.graph, param_fqns, trainable, num_fwd_outputs).run()
 
 
-@register_pass(kind="analysis", order=100)
+@register_pass(kind="analysis")
 def classify_roles(gm: GraphModule, ctx) -> RoleAnalysis:  # noqa: ANN001 - PassContext
     """Label every parameter and node with its role (see the module docstring).
 

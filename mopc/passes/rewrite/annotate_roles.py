@@ -7,7 +7,7 @@ from torch.fx import GraphModule
 from mopc.passes.registry import register_pass
 
 
-@register_pass(kind="rewrite", requires=("classify_roles",), order=120)
+@register_pass(kind="rewrite", requires=("classify_roles",))
 def annotate_roles(gm: GraphModule, ctx) -> GraphModule:  # noqa: ANN001 - PassContext
     """Record each node's role and layer in `meta["mopc_role"]` / `meta["mopc_layer"]`.
 
