@@ -24,7 +24,8 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from mopc.passes.analysis.costs import CostAnalysis, estimate_costs, human_bytes, human_count
-from mopc.passes.analysis.roles import PARAM_ROLES, RoleAnalysis, classify_graph, layer_of
+from mopc.passes.analysis.role_defs import PARAM_ROLES, RoleAnalysis, layer_of
+from mopc.passes.analysis.roles import classify_graph
 
 log = logging.getLogger("mopc")
 

@@ -10,7 +10,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from mopc.passes.analysis.roles import NODE_ROLES
+from mopc.passes.analysis.role_defs import NODE_ROLES
 
 
 class GraphInvariantError(AssertionError):

@@ -7,6 +7,7 @@ overloads and the packet itself match (`aten.mm` and `aten.mm.default`).
 from __future__ import annotations
 
 import collections
+import operator
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -145,7 +146,7 @@ def view_source(node: Node) -> Node:
         node = ins[0]
         seen += 1
     # getitem of split/unbind/chunk outputs
-    if node.op == "call_function" and node.target is __import__("operator").getitem:
+    if node.op == "call_function" and node.target is operator.getitem:
         parent = node.args[0]
         if isinstance(parent, Node) and is_op(parent, VIEW_OPS):
             return view_source(parent)
@@ -239,3 +240,35 @@ def node_bytes(node: Node) -> int:
                 numel *= s
             total += numel * v.element_size()
     return total
+
+
+def live_forward(graph: Graph, num_fwd_outputs: int) -> set[Node]:
+    """Ancestors of the forward outputs: the forward nodes whose values are used."""
+    out_node = graph.find_nodes(op="output")[0]
+    outs = out_node.args[0]
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    fwd_outs = [o for o in outs[:num_fwd_outputs] if isinstance(o, Node)]
+    live, _ = walk_back(fwd_outs, stop=lambda n: False)
+    return live
+
+
+def forward_nodes(graph: Graph, live: set[Node]) -> set[Node]:
+    """Live forward nodes plus forward-only leftovers (values kept for the backward)."""
+    fwd = set(live)
+    tangents = {n for n in graph.nodes if n.op == "placeholder" and "tangent" in n.name}
+    after_tangent = descendants(tangents)
+    for node in graph.nodes:
+        if node in fwd or node in after_tangent or node.op == "output":
+            continue
+        if node.meta.get("autograd_backward") or node.meta.get("partitioner_tag") == "is_backward":
+            continue
+        ins = tensor_inputs(node)
+        if node.op == "placeholder" or (ins and all(i in fwd for i in ins)):
+            fwd.add(node)
+    return fwd
+
+
+def flatten_args(args: object) -> list[object]:
+    if isinstance(args, (list, tuple)):
+        return [x for a in args for x in flatten_args(a)]
+    return [args]

@@ -31,12 +31,13 @@ from __future__ import annotations
 import operator
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from mopc.passes.analysis.role_defs import PARAM_ROLES, MoEBlockInfo, RoleAnalysis, layer_of
 from mopc.passes.registry import register_pass
 from mopc.passes.analysis.graph_utils import (
     COMBINE_OPS,
@@ -52,7 +53,10 @@ from mopc.passes.analysis.graph_utils import (
     TOPK_OPS,
     VIEW_OPS,
     descendants,
+    flatten_args,
+    forward_nodes,
     is_op,
+    live_forward,
     post_dominated,
     shape_hint,
     size_hint,
@@ -64,53 +68,8 @@ from mopc.passes.analysis.graph_utils import (
 
 aten = torch.ops.aten
 
-PARAM_ROLES = (
-    "embedding", "attention", "norm", "dense_mlp", "router", "expert", "shared_expert",
-    "vocab_projection", "other",
-)
-NODE_ROLES = PARAM_ROLES + ("dispatch", "combine", "loss")
-
 _SCALE_OPS = frozenset({aten.mul, aten.add, aten.addcmul, aten.sub})
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder_layers)\.(\d+)(?:\.|$)")
 _INDEX_SEGMENT_RE = re.compile(r"\.(\d+)\.")
-
-
-def layer_of(fqn: str) -> int | None:
-    """The transformer layer index in a parameter name (`layers.3.attention.wq` -> 3)."""
-    match = _LAYER_RE.search(fqn)
-    return int(match.group(1)) if match else None
-
-
-@dataclass(frozen=True)
-class MoEBlockInfo:
-    """One routed MoE block found in the graph."""
-
-    layer: int | None
-    router_params: tuple[str, ...]
-    expert_params: tuple[str, ...]
-    shared_expert_params: tuple[str, ...]
-    num_experts: int
-    top_k: int
-    topk_node: str
-    block_input_node: str
-
-
-@dataclass(frozen=True)
-class RoleAnalysis:
-    """Result of :func:`classify_roles`. Frozen: rewrites read it, never change it."""
-
-    param_roles: Mapping[str, str]
-    """Every trainable parameter's FQN -> one of PARAM_ROLES."""
-    buffer_roles: Mapping[str, str]
-    """Every non-trainable graph input with a module path (buffers) -> role."""
-    node_roles: Mapping[str, str]
-    """Every graph node's name -> one of NODE_ROLES."""
-    node_layers: Mapping[str, int | None]
-    """Every graph node's name -> transformer layer index (None outside layers)."""
-    evidence: Mapping[str, str]
-    """Parameter FQN -> the rule that decided its role."""
-    moe_blocks: tuple[MoEBlockInfo, ...] = ()
-    forward_nodes: frozenset[str] = field(default_factory=frozenset)
 
 
 _NORM_INTERNAL_OPS = frozenset({
@@ -134,32 +93,6 @@ def _is_getitem(node: Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem
 
 
-def _live_forward(graph: Graph, num_fwd_outputs: int) -> set[Node]:
-    """Ancestors of the forward outputs: the forward nodes whose values are used."""
-    out_node = graph.find_nodes(op="output")[0]
-    outs = out_node.args[0]
-    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-    fwd_outs = [o for o in outs[:num_fwd_outputs] if isinstance(o, Node)]
-    live, _ = walk_back(fwd_outs, stop=lambda n: False)
-    return live
-
-
-def _forward_nodes(graph: Graph, live: set[Node]) -> set[Node]:
-    """Live forward nodes plus forward-only leftovers (values kept for the backward)."""
-    fwd = set(live)
-    tangents = {n for n in graph.nodes if n.op == "placeholder" and "tangent" in n.name}
-    after_tangent = descendants(tangents)
-    for node in graph.nodes:
-        if node in fwd or node in after_tangent or node.op == "output":
-            continue
-        if node.meta.get("autograd_backward") or node.meta.get("partitioner_tag") == "is_backward":
-            continue
-        ins = tensor_inputs(node)
-        if node.op == "placeholder" or (ins and all(i in fwd for i in ins)):
-            fwd.add(node)
-    return fwd
-
-
 @dataclass
 class _Site:
     """A matmul-like node and the parameters it reads as weights."""
@@ -180,8 +113,8 @@ class _Classifier:
         }
         self.placeholder_of = {f: n for n, f in self.fqn_of.items()}
         self.trainable = trainable
-        self.live = _live_forward(graph, num_fwd_outputs)
-        self.fwd = _forward_nodes(graph, self.live)
+        self.live = live_forward(graph, num_fwd_outputs)
+        self.fwd = forward_nodes(graph, self.live)
         self.param_role: dict[str, str] = {}
         self.evidence: dict[str, str] = {}
         self.node_role: dict[Node, str] = {}
@@ -420,7 +353,7 @@ class _Classifier:
         dispatch = {
             n for n in self.nodes
             if n in self.fwd and is_op(n, INDEXING_OPS) and len(n.args) > 1
-            and any(isinstance(a, Node) and a in route_dependent for a in _flat(n.args[1:]))
+            and any(isinstance(a, Node) and a in route_dependent for a in flatten_args(n.args[1:]))
             and isinstance(n.args[0], Node) and tensor_meta(n.args[0]) is not None
             and tensor_meta(n.args[0]).is_floating_point() and not self.param_of(n.args[0])
         }
@@ -518,7 +451,7 @@ class _Classifier:
         if not self.blocks:
             return
         topks = [n for n in self.nodes if n.name in {b.topk_node for b in self.blocks}]
-        index_args = [a for d in self.dispatch_nodes for a in _flat(d.args[1:]) if isinstance(a, Node)]
+        index_args = [a for d in self.dispatch_nodes for a in flatten_args(d.args[1:]) if isinstance(a, Node)]
         upstream, _ = walk_back(index_args, stop=lambda n: n in topks or n.op == "placeholder",
                                 allowed=lambda n: n in self.fwd)
         for n in upstream | self.dispatch_nodes:
@@ -664,12 +597,6 @@ class _Classifier:
             moe_blocks=tuple(blocks),
             forward_nodes=frozenset(n.name for n in self.fwd),
         )
-
-
-def _flat(args: object) -> list[object]:
-    if isinstance(args, (list, tuple)):
-        return [x for a in args for x in _flat(a)]
-    return [args]
 
 
 def classify_graph(
