@@ -30,6 +30,13 @@ class _TinyMoE(nn.Module):
         return F.cross_entropy(self.head(x + out), labels.flatten())
 
 
+def _analyze_tiny_moe():
+    torch.manual_seed(0)
+    model = _TinyMoE()
+    ids = torch.randint(0, 16, (2, 3))
+    return analyze(model, (ids, ids))
+
+
 def _forward_listing(analysis):
     """`name: op -> role` for the forward nodes, in graph order."""
     fwd = analysis.roles.forward_nodes
@@ -42,10 +49,7 @@ def _forward_listing(analysis):
 
 class TestGolden(expecttest.TestCase):
     def test_tiny_moe_param_roles(self):
-        torch.manual_seed(0)
-        model = _TinyMoE()
-        ids = torch.randint(0, 16, (2, 3))
-        analysis = analyze(model, (ids, ids))
+        analysis = _analyze_tiny_moe()
         self.assertExpectedInline(
             "\n".join(f"{k}: {v} ({analysis.roles.evidence[k]})" for k, v in analysis.param_roles.items()),
             """\
@@ -57,10 +61,7 @@ head.weight: vocab_projection (structure: matmul feeding the loss)""",
         )
 
     def test_tiny_moe_node_roles(self):
-        torch.manual_seed(0)
-        model = _TinyMoE()
-        ids = torch.randint(0, 16, (2, 3))
-        self.assertExpectedInline(_forward_listing(analyze(model, (ids, ids))), """\
+        self.assertExpectedInline(_forward_listing(_analyze_tiny_moe()), """\
 embedding: aten.embedding -> embedding
 view: aten.view -> embedding
 pow_1: aten.pow -> norm

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import operator
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from torch.fx import Graph, Node
@@ -220,10 +220,6 @@ def post_dominated(
             region.add(node)
     region |= {n for n in dead_ends if any(i in region for i in n.all_input_nodes)}
     return region
-
-
-def iter_call_functions(graph: Graph) -> Iterator[Node]:
-    return (n for n in graph.nodes if n.op == "call_function")
 
 
 def node_bytes(node: Node) -> int:
