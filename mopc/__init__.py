@@ -12,8 +12,9 @@ from __future__ import annotations
 from mopc.analysis import Analysis, analyze
 from mopc.backend import mop
 from mopc.config import MoPConfig, MoPConfigError
+from mopc.parallelize import parallelize, plan_of
 
-__all__ = ["Analysis", "MoPConfig", "MoPConfigError", "analyze", "mop"]
+__all__ = ["Analysis", "MoPConfig", "MoPConfigError", "analyze", "mop", "parallelize", "plan_of"]
 __version__ = "0.1.0"
 
 

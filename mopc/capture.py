@@ -83,7 +83,10 @@ def describe_inputs(gm: GraphModule) -> GraphInputs:
 def joint_param_fqns(joint: GraphModule, inputs: GraphInputs) -> dict[str, str]:
     """Joint-graph placeholder name (`primals_3`) -> module path, for module state only."""
     placeholders = joint.graph.find_nodes(op="placeholder")
-    primals = [ph for ph in placeholders if not ph.name.startswith("tangents")]
+    # A DTensor input (a sharded parameter) is flattened into its local tensor plus, on
+    # newer torch, an opaque object holding its placement: keep tensor inputs only.
+    primals = [ph for ph in placeholders if not ph.name.startswith("tangents")
+               and isinstance(ph.meta.get("val"), torch.Tensor)]
     # AOTAutograd may put extra inputs (side-effect tokens) before the user's; the
     # user's inputs are the last len(names) primals
     offset = len(primals) - len(inputs.names)

@@ -43,10 +43,46 @@ class MoPConfig:
     debug: bool = False
     """Run the graph verifier after every pass (also on with `MOPC_DEBUG=1`)."""
 
+    # ------------------------------------------------------------ layout (mopc.parallelize)
+
+    tp: int = 1
+    """Tensor-parallel degree: attention heads (and dense MLP columns) are sharded over
+    groups of `tp` consecutive ranks. Must divide the world size and the head counts."""
+
+    dp: int | None = None
+    """Data-parallel degree; default: the world size divided by `tp` (and later `pp`)."""
+
+    plan: Literal["manual", "auto"] = "manual"
+    """`manual` applies `tp` to every attention and dense MLP block; `auto` lets the
+    planner keep a component on the sharded reference layout when tensor parallelism
+    would move more bytes than it saves."""
+
+    vocab_parallel: bool = True
+    """Shard the vocabulary projection by rows over all ranks and compute the
+    cross-entropy on vocabulary shards (the full [tokens, vocab] logits never exist)."""
+
+    loss_chunk_tokens: int = 2048
+    """Tokens per chunk of the vocabulary-parallel loss: a rank holds at most
+    [loss_chunk_tokens, vocab / world] logits at a time."""
+
+    bucket_mb: float = 25.0
+    """Parameter all-gathers and gradient reduce-scatters of one layer are merged into
+    collectives of at most this many MiB (0 = one collective per parameter)."""
+
+    reshard_after_forward: bool = True
+    """Free gathered parameters after their forward use and gather them again in
+    backward (ZeRO-3), instead of keeping them until backward."""
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
+        for name in ("tp", "dp", "loss_chunk_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise MoPConfigError(f"mop option {name}={value!r} must be a positive integer")
+        if self.bucket_mb < 0:
+            raise MoPConfigError(f"mop option bucket_mb={self.bucket_mb!r} must be >= 0 (0 = no bucketing)")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | MoPConfig | None) -> MoPConfig:

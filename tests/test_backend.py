@@ -50,7 +50,8 @@ def test_dump_dir_writes_one_file_per_pass_with_roles(tmp_path, monkeypatch):
     assert len(graphs) == 1, "tiny compiles to one graph"
     index = json.loads((graphs[0] / "index.json").read_text())
     steps = [e["pass"] for e in index]
-    assert steps == ["captured", "classify_roles", "count_costs", "annotate_roles", "forward", "backward"]
+    assert steps == ["captured", "classify_roles", "count_costs", "annotate_roles", "vocab_parallel_loss",
+                     "gather_params", "forward", "backward"]
     for entry in index:
         text = (graphs[0] / entry["file"]).read_text()
         body = [line for line in text.splitlines() if line.startswith("%")]

@@ -11,6 +11,7 @@ from mopc.models.moe_transformer import (
     Router,
     TransformerBlock,
     init_weights,
+    make_init_fn,
 )
 from mopc.models.presets import PRESETS, build_model
 
@@ -27,4 +28,5 @@ __all__ = [
     "TransformerBlock",
     "build_model",
     "init_weights",
+    "make_init_fn",
 ]

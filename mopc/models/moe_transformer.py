@@ -13,6 +13,7 @@ Module and parameter names are a contract: analysis passes, planners and tests r
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -562,6 +563,26 @@ def _param_generator(seed: int, fqn: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(zlib.crc32(f"{seed}/{fqn}".encode()))
 
 
+def make_init_fn(model: MoETransformer, seed: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """`init_fn(fqn, tensor) -> values` for one parameter or buffer, on the CPU in fp32.
+
+    It gives exactly what `init_weights(model, seed)` gives that tensor, one tensor at a
+    time, so `mopc.parallelize` can initialise the shards of a model built on `meta`
+    without ever holding the whole model.
+    """
+    norm_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, RMSNorm)}
+
+    def init_fn(fqn: str, tensor: torch.Tensor) -> torch.Tensor:
+        if fqn in norm_weights:
+            return torch.ones(tensor.shape, dtype=torch.float32)
+        if fqn.endswith("expert_bias"):
+            return torch.zeros(tensor.shape, dtype=torch.float32)
+        values = torch.empty(tensor.shape, dtype=torch.float32)
+        return values.normal_(0.0, 0.02, generator=_param_generator(seed, fqn))
+
+    return init_fn
+
+
 @torch.no_grad()
 def init_weights(model: MoETransformer, seed: int) -> None:
     """Give every parameter a value that depends only on (seed, parameter name).
@@ -574,20 +595,14 @@ def init_weights(model: MoETransformer, seed: int) -> None:
     """
     if model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight  # `to_empty` unties them
-    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    init_fn = make_init_fn(model, seed)
     for fqn, param in model.named_parameters():
         if param.is_meta:
             raise ValueError(
                 f"init_weights: parameter {fqn} is on the meta device; call "
                 "model.to_empty(device=...) first."
             )
-        if id(param) in norm_weights:
-            param.fill_(1.0)
-            continue
-        values = torch.empty(param.shape, dtype=torch.float32)
-        values.normal_(0.0, 0.02, generator=_param_generator(seed, fqn))
-        param.copy_(values)
-    for module in model.modules():
-        if isinstance(module, Router) and module.expert_bias is not None:
-            module.expert_bias.zero_()
-
+        param.copy_(init_fn(fqn, param))
+    for fqn, buf in model.named_buffers():
+        if fqn.endswith("expert_bias"):
+            buf.copy_(init_fn(fqn, buf))

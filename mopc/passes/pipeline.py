@@ -50,6 +50,8 @@ PIPELINE: tuple[str, ...] = (
     "classify_roles",   # analysis: the role and layer of every parameter and node
     "count_costs",      # analysis: flops and bytes per node, bytes the backward reads
     "annotate_roles",   # meta: roles and layers into node.meta for later passes and dumps
+    "vocab_parallel_loss",  # projection + cross-entropy on vocabulary shards
+    "gather_params",    # reference program: bucketed all-gather / reduce-scatter of shards
 )
 ROLES_ANNOTATED_BY = "annotate_roles"
 
@@ -59,6 +61,8 @@ def _load_passes() -> None:
     import mopc.passes.analysis.costs  # noqa: F401
     import mopc.passes.analysis.roles  # noqa: F401
     import mopc.passes.rewrite.annotate_roles  # noqa: F401
+    import mopc.passes.rewrite.gather_params  # noqa: F401
+    import mopc.passes.rewrite.vocab_parallel  # noqa: F401
 
 
 def disabled_from_env() -> tuple[str, ...]:

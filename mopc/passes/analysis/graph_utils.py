@@ -49,6 +49,21 @@ def is_op(node: Node, ops: frozenset) -> bool:
     return node.op == "call_function" and packet_of(node) in ops
 
 
+def is_named_op(node: Node, qualified_name: str) -> bool:
+    """Whether a node calls the custom op `namespace::name` (registered or not yet)."""
+    return node.op == "call_function" and getattr(packet_of(node), "_qualified_op_name", None) == qualified_name
+
+
+def is_unshard(node: Node) -> bool:
+    """`mopc::unshard`: a sharded parameter gathered into its full value."""
+    return is_named_op(node, "mopc::unshard")
+
+
+def is_reduce_grad(node: Node) -> bool:
+    """`mopc::reduce_grad`: a full gradient reduced into this rank's shard of it."""
+    return is_named_op(node, "mopc::reduce_grad")
+
+
 # Ops that only re-describe a tensor (no arithmetic on its values).
 VIEW_OPS = _packets(
     _aten.t, _aten.transpose, _aten.permute, _aten.view, _aten.reshape, _aten._unsafe_view,

@@ -56,6 +56,7 @@ from mopc.passes.analysis.graph_utils import (
     flatten_args,
     forward_nodes,
     is_op,
+    is_unshard,
     live_forward,
     post_dominated,
     shape_hint,
@@ -112,6 +113,14 @@ class _Classifier:
             n: param_fqns[n.name] for n in self.nodes if n.op == "placeholder" and n.name in param_fqns
         }
         self.placeholder_of = {f: n for n, f in self.fqn_of.items()}
+        # A sharded parameter (mopc.parallelize) enters as its flat shard; the gathered
+        # full tensor (`mopc::unshard`) is what the model computes with, so it stands
+        # for the parameter in every rule below.
+        for node in self.nodes:
+            fqn = self.fqn_of.get(view_source(node.args[0])) if is_unshard(node) else None
+            if fqn is not None:
+                self.fqn_of[node] = fqn
+                self.placeholder_of[fqn] = node
         self.trainable = trainable
         self.live = live_forward(graph, num_fwd_outputs)
         self.fwd = forward_nodes(graph, self.live)

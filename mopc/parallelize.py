@@ -1,0 +1,112 @@
+"""`mopc.parallelize(model, example_inputs, **options)`: plan on fakes, shard at rest.
+
+    model = mopc.parallelize(model, batch, tp=2)           # every rank, under torchrun
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)   # sees only this rank's shards
+    step = torch.compile(model, backend="mop")
+    for batch in data:                                     # this rank's own batch
+        loss = step(**batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # global norm
+        opt.step(); opt.zero_grad()
+
+Data semantics are DDP's: each rank passes its own batch, the returned loss is the
+rank's own, and the gradients are those of the concatenated global batch (the mean over
+ranks of the rank losses).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mopc.config import MoPConfig, MoPConfigError
+from mopc.plan.layout import Plan, make_plan
+from mopc.plan.mesh import MeshSpec, build_meshes, ensure_process_group, rank_device
+from mopc.runtime.ownership import shard_module_params
+
+log = logging.getLogger("mopc")
+
+InitFn = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _fake_inputs(example_inputs: tuple | dict) -> tuple | dict:
+    """Example inputs as meta tensors: planning never needs values."""
+    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    if isinstance(example_inputs, Mapping):
+        return {k: to_meta(v) for k, v in example_inputs.items()}
+    return tuple(to_meta(x) for x in example_inputs)
+
+
+def _param_roles(model: nn.Module, example_inputs: tuple | dict, loss_fn: Callable | None) -> dict[str, str]:
+    from mopc.analysis import analyze
+
+    analysis = analyze(model, _fake_inputs(example_inputs), loss_fn)
+    return dict(analysis.param_roles)
+
+
+def _materialize_buffers(model: nn.Module, init_fn: InitFn | None, device: torch.device) -> None:
+    for mod_name, module in model.named_modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None or not buf.is_meta:
+                continue
+            fqn = f"{mod_name}.{name}" if mod_name else name
+            if init_fn is None:
+                raise ValueError(f"mopc.parallelize: buffer {fqn} is on the meta device; pass init_fn=...")
+            module._buffers[name] = init_fn(fqn, buf).to(device=device, dtype=buf.dtype)
+
+
+def parallelize(
+    model: nn.Module,
+    example_inputs: tuple | dict,
+    *,
+    init_fn: InitFn | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Shard `model`'s parameters over the ranks, in place, and attach the plan.
+
+    `example_inputs` is one rank's batch (tuple of positional or dict of keyword
+    arguments; only shapes matter). `options` are :class:`mopc.MoPConfig` fields
+    (`tp`, `dp`, `vocab_parallel`, `bucket_mb`, ...), validated against the world size
+    and the model's shapes before anything is allocated. A model built on `meta` needs
+    `init_fn(fqn, meta_tensor) -> full values`; only one full parameter exists at a time
+    and each rank keeps just its shard (`mopc.models.make_init_fn(model, seed)` gives the
+    values `init_weights` would).
+    """
+    config = MoPConfig.from_options(options)
+    if getattr(model, "mopc_plan", None) is not None:
+        raise MoPConfigError("mopc.parallelize: this model is already parallelized (it has a mopc_plan)")
+    ensure_process_group()
+    spec = MeshSpec.from_config(config, dist.get_world_size())
+    has_meta = any(p.is_meta for p in model.parameters())
+    if has_meta and init_fn is None:
+        raise ValueError(
+            "mopc.parallelize: the model is on the meta device; pass init_fn=(fqn, tensor) -> values "
+            "(for mopc's models: mopc.models.make_init_fn(model, seed))"
+        )
+    param_roles = _param_roles(model, example_inputs, loss_fn)
+    plan = make_plan(model, param_roles, spec, config)  # raises on shapes the mesh cannot split
+    meshes = build_meshes(spec)
+    device = rank_device()
+
+    def full_value(fqn: str, param: torch.Tensor) -> torch.Tensor:
+        if param.is_meta:
+            return init_fn(fqn, param)  # type: ignore[misc]
+        return param.detach()
+
+    with torch.no_grad():
+        shard_module_params(model, dict(plan.layouts), rank=dist.get_rank(), world_mesh=meshes.world,
+                            group_name=meshes.world_group, full_value=full_value, device=device)
+        _materialize_buffers(model, init_fn, device)
+    model.mopc_plan = plan  # type: ignore[assignment]
+    log.info("mopc.parallelize: %s", plan.summary().replace("\n", "; "))
+    return model
+
+
+def plan_of(model: nn.Module) -> Plan | None:
+    return getattr(model, "mopc_plan", None)

@@ -1,0 +1,251 @@
+"""Vocabulary-parallel projection and cross-entropy: the [tokens, vocab] logits never exist.
+
+In the reference program every rank gathers the whole vocabulary projection [V, D] and
+computes [N, V] logits for its N tokens. After `mopc.parallelize` with `vocab_parallel`,
+rank r owns rows [r V/W, (r+1) V/W) of that weight. This pass replaces the projection,
+the log-softmax and the NLL loss (forward and backward) by a computation on that shard:
+
+    forward   h_all = all_gather(h)                     [W N, D]   (every rank's tokens)
+              per chunk of tokens: logits = h_c @ w_r^T [C, V/W]
+                  max  -> all_reduce(max),  sum exp -> all_reduce(sum)  => log-sum-exp
+                  target logit if the label falls in this shard          -> all_reduce(sum)
+              loss = mean over this rank's own tokens of (lse - target logit)
+    backward  coefficient of each rank's tokens (dL_r / d loss_r / count_r) -> all_gather
+              per chunk: dlogits = coef * (softmax - onehot) on the shard (recomputed)
+              dw_r = sum_c dlogits^T h_c / W             (already this rank's shard)
+              dh   = reduce_scatter(sum_c dlogits @ w_r) (back to each rank's tokens)
+
+so a rank holds at most [loss_chunk_tokens, V/W] logits, the weight is never gathered and
+its gradient needs no reduce-scatter. Losses and gradients equal the reference up to fp32
+reassociation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from mopc.passes.analysis.graph_utils import (
+    MATMUL_OPS, is_op, is_reduce_grad, is_unshard, view_source,
+)
+from mopc.passes.registry import register_pass
+from mopc.passes.rewrite.splice import insert_traced
+
+log = logging.getLogger("mopc.passes")
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+_MEAN, _SUM = 1, 2  # nll_loss reduction enum
+
+
+def _is_nll_forward(node: Node) -> bool:
+    return node.op == "call_function" and node.target is aten.nll_loss_forward.default
+
+
+def _is_nll_backward(node: Node) -> bool:
+    return node.op == "call_function" and node.target is aten.nll_loss_backward.default
+
+
+def _is_log_softmax(node: Node) -> bool:
+    return node.op == "call_function" and node.target in (aten._log_softmax.default, aten.log_softmax.int)
+
+
+_PASS_THROUGH = frozenset({
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten._to_copy.default,
+    aten.clone.default, aten.alias.default, aten.detach.default,
+})
+
+
+def _upstream(node: Node) -> Node:
+    """Through views and dtype casts."""
+    while node.op == "call_function" and node.target in _PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
+def _readers(node: Node) -> set[Node]:
+    """The nodes that read a value's numbers, looking through views and casts."""
+    out, stack = set(), list(node.users)
+    while stack:
+        user = stack.pop()
+        if user.op == "call_function" and user.target in _PASS_THROUGH:
+            stack.extend(user.users)
+        else:
+            out.add(user)
+    return out
+
+
+def _group_size(name: str) -> int:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name).size()
+
+
+def _group_rank(name: str) -> int:
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return dist.get_rank(_resolve_process_group(name))
+
+
+class _Match:
+    """One projection + cross-entropy region of the joint graph."""
+
+    def __init__(self, unshard: Node, mm: Node, act: Node, log_softmax: Node, nll: Node,
+                 nll_bwd: Node, grad_h_mm: Node, reduce: Node) -> None:
+        self.unshard, self.mm, self.act, self.log_softmax = unshard, mm, act, log_softmax
+        self.nll, self.nll_bwd, self.grad_h_mm, self.reduce = nll, nll_bwd, grad_h_mm, reduce
+
+
+def _find(gm: GraphModule, world: int) -> list[_Match] | str:
+    """The regions to rewrite, or why there is none."""
+    graph = gm.graph
+    matches = []
+    for nll in (n for n in graph.nodes if _is_nll_forward(n)):
+        if nll.args[2] is not None or nll.args[3] not in (_MEAN, _SUM):
+            return "the cross-entropy has class weights or an unsupported reduction"
+        ls = nll.args[0]
+        if not _is_log_softmax(ls) or ls.args[1] not in (1, -1):
+            return "the loss input is not a log-softmax over the vocabulary"
+        mm = _upstream(ls.args[0])
+        if not is_op(mm, MATMUL_OPS) or mm.target is not aten.mm.default:
+            return f"the logits come from {mm.target}, not a matrix multiply"
+        weight_side = [a for a in mm.args if is_unshard(view_source(a))]
+        if len(weight_side) != 1:
+            return "the projection weight is not a sharded parameter"
+        unshard = view_source(weight_side[0])
+        _, shape, chunk_dim, num_chunks, _ = unshard.args
+        if num_chunks != world or chunk_dim != 0 or len(shape) != 2:
+            return "the projection weight is not laid out by vocabulary rows (vocab_parallel=False?)"
+        act = next(a for a in mm.args if a is not weight_side[0])
+        if _readers(mm) != {ls}:
+            return "the logits are used outside the loss (the model returns them?)"
+        nll_bwd = [u for u in ls.users if _is_nll_backward(u)]
+        lsb = [u for u in graph.nodes if u.op == "call_function"
+               and u.target is aten._log_softmax_backward_data.default and nll_bwd and u.args[0] is nll_bwd[0]]
+        if len(nll_bwd) != 1 or len(lsb) != 1:
+            return "the loss backward has an unexpected form"
+        grad_mm = [n for n in graph.nodes if n.target is aten.mm.default
+                   and {view_source(a) for a in n.args} == {lsb[0], unshard}]
+        reduces = [n for n in graph.nodes if is_reduce_grad(n) and _grad_w_of(n, lsb[0], view_source(act))]
+        if len(grad_mm) != 1 or len(reduces) != 1:
+            return "the projection backward has an unexpected form"
+        if not all(isinstance(s, int) for s in act.meta["val"].shape):
+            return "the token count is dynamic (compiled with dynamic shapes)"
+        matches.append(_Match(unshard, mm, act, ls, nll, nll_bwd[0], grad_mm[0], reduces[0]))
+    return matches or "no cross-entropy over a projection in this graph"
+
+
+def _grad_w_of(reduce: Node, grad_logits: Node, act_src: Node) -> bool:
+    src = view_source(reduce.args[0])
+    return src.target is aten.mm.default and {view_source(a) for a in src.args} == {grad_logits, act_src}
+
+
+def _forward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ignore_index: int,
+                reduction: int, loss_dtype: torch.dtype) -> Callable:
+    def forward(h: torch.Tensor, shard: torch.Tensor, labels: torch.Tensor):
+        w = shard.view(rows, -1)
+        h_all = c10d.wait_tensor(c10d.all_gather_into_tensor(h.contiguous(), world, group))
+        y_all = c10d.wait_tensor(c10d.all_gather_into_tensor(labels.contiguous(), world, group))
+        lses, picks = [], []
+        for h_c, y_c in zip(h_all.split(chunk), y_all.split(chunk)):
+            logits = torch.mm(h_c, w.t()).float()
+            top = c10d.wait_tensor(c10d.all_reduce(logits.amax(-1), "max", group))
+            total = c10d.wait_tensor(c10d.all_reduce((logits - top[:, None]).exp().sum(-1), "sum", group))
+            lses.append(top + total.log())
+            local = y_c - rank * rows
+            inside = (local >= 0) & (local < rows)
+            picks.append(logits.gather(1, local.clamp(0, rows - 1)[:, None]).squeeze(1) * inside)
+        lse = torch.cat(lses)
+        target = c10d.wait_tensor(c10d.all_reduce(torch.cat(picks), "sum", group))
+        n = h.shape[0]
+        valid = labels != ignore_index
+        own = (lse[rank * n:(rank + 1) * n] - target[rank * n:(rank + 1) * n]) * valid
+        count = valid.sum().to(loss_dtype)
+        loss = own.sum().to(loss_dtype)
+        return (loss / count if reduction == _MEAN else loss), count, lse
+
+    return forward
+
+
+def _backward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ignore_index: int,
+                 reduction: int) -> Callable:
+    def backward(grad: torch.Tensor, h: torch.Tensor, shard: torch.Tensor, labels: torch.Tensor,
+                 lse: torch.Tensor, count: torch.Tensor):
+        w = shard.view(rows, -1)
+        n = h.shape[0]
+        coef = (grad / count if reduction == _MEAN else grad).float().reshape(1)
+        coefs = c10d.wait_tensor(c10d.all_gather_into_tensor(coef, world, group))
+        h_all = c10d.wait_tensor(c10d.all_gather_into_tensor(h.contiguous(), world, group))
+        y_all = c10d.wait_tensor(c10d.all_gather_into_tensor(labels.contiguous(), world, group))
+        scale = coefs[:, None].expand(world, n).reshape(-1) * (y_all != ignore_index)
+        grad_w = torch.zeros_like(w)
+        grad_h = []
+        for h_c, y_c, lse_c, s_c in zip(h_all.split(chunk), y_all.split(chunk), lse.split(chunk),
+                                        scale.split(chunk)):
+            probs = (torch.mm(h_c, w.t()).float() - lse_c[:, None]).exp()
+            local = y_c - rank * rows
+            inside = ((local >= 0) & (local < rows)).to(probs.dtype)
+            probs = probs.scatter_add(1, local.clamp(0, rows - 1)[:, None], -inside[:, None])
+            dlogits = (probs * s_c[:, None]).to(w.dtype)
+            grad_w = grad_w + torch.mm(dlogits.t(), h_c)
+            grad_h.append(torch.mm(dlogits, w))
+        dh = c10d.wait_tensor(c10d.reduce_scatter_tensor(torch.cat(grad_h), "sum", world, group))
+        return dh, (grad_w / world).reshape(-1)
+
+    return backward
+
+
+@register_pass(
+    kind="rewrite",
+    requires=("annotate_roles",),
+    enabled=lambda c: c.vocab_parallel,
+    options_from_config=lambda c: {"chunk_tokens": c.loss_chunk_tokens},
+)
+def vocab_parallel_loss(gm: GraphModule, ctx, *, chunk_tokens: int) -> GraphModule:  # noqa: ANN001
+    """Compute the vocabulary projection and cross-entropy on this rank's vocabulary rows.
+
+    Algorithm:
+    1. find nll_loss(log_softmax(mm(h, unshard(w)))) whose weight is laid out by vocabulary
+       rows over all ranks, with its backward (nll_loss_backward, the two mms of the
+       projection's backward and the weight's reduce_grad); give up, keeping the
+       reference program, when any piece has another form;
+    2. insert the chunked vocab-parallel forward before the loss; its loss and token count
+       replace the nll_loss outputs;
+    3. insert the chunked backward before nll_loss_backward; its dh replaces the
+       projection's input gradient and its dw the weight's reduced gradient;
+    4. drop what became dead (the full logits, the gather of the weight).
+    """
+    unshards = [n for n in gm.graph.nodes if is_unshard(n)]
+    if not unshards:
+        return gm
+    group = unshards[0].args[4]
+    world = _group_size(group)
+    found = _find(gm, world)
+    if isinstance(found, str):
+        log.info("vocab_parallel_loss: not applied to %s: %s", ctx.graph_id, found)
+        return gm
+    rank = _group_rank(group)
+    for m in found:
+        rows = m.unshard.args[1][0] // world
+        ignore_index, reduction = m.nll.args[4], m.nll.args[3]
+        common = {"world": world, "rank": rank, "group": group, "rows": rows, "chunk": chunk_tokens,
+                  "ignore_index": ignore_index, "reduction": reduction}
+        shard, labels = m.unshard.args[0], m.nll.args[1]
+        loss_dtype = m.nll.meta["val"][0].dtype
+        fwd = insert_traced(gm.graph, _forward_fn(**common, loss_dtype=loss_dtype), [m.act, shard, labels],
+                            before=m.nll, meta={"mopc_role": "loss", "mopc_layer": None})
+        loss, count, lse = fwd
+        for user in list(m.nll.users):
+            user.replace_all_uses_with(loss if user.args[1] == 0 else count)
+        bwd = insert_traced(gm.graph, _backward_fn(**common),
+                            [m.nll_bwd.args[0], m.act, shard, labels, lse, count],
+                            before=m.nll_bwd, meta={"mopc_role": "vocab_projection", "mopc_layer": None})
+        grad_h, grad_w = bwd
+        m.grad_h_mm.replace_all_uses_with(grad_h)
+        m.reduce.replace_all_uses_with(grad_w)
+    gm.graph.eliminate_dead_code()
+    return gm

@@ -1,0 +1,106 @@
+"""The device mesh of a run: world = dp × tp, validated before anything is allocated.
+
+Ranks are laid out row-major over `(dp, tp)`: the tensor-parallel rank varies fastest,
+so a tensor-parallel group is `tp` consecutive ranks (on GPUs, the ranks of one node).
+Process groups are created once per mesh and reused by every compiled graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mopc.config import MoPConfig, MoPConfigError
+
+log = logging.getLogger("mopc")
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """Sizes of the mesh axes; `world_size == dp * tp`."""
+
+    world_size: int
+    dp: int
+    tp: int
+
+    @staticmethod
+    def from_config(config: MoPConfig, world_size: int) -> MeshSpec:
+        """Check `tp` and `dp` against the world size; errors name the option and the fix."""
+        tp = config.tp
+        if world_size % tp:
+            raise MoPConfigError(
+                f"mop option tp={tp} does not divide the world size {world_size}; choose tp from "
+                f"{_divisors(world_size)} or launch a multiple of {tp} ranks"
+            )
+        dp = config.dp if config.dp is not None else world_size // tp
+        if dp * tp != world_size:
+            raise MoPConfigError(
+                f"mop options dp={dp} x tp={tp} = {dp * tp} ranks, but the world size is {world_size}; "
+                f"set dp={world_size // tp} (or leave dp unset) or launch {dp * tp} ranks"
+            )
+        return MeshSpec(world_size=world_size, dp=dp, tp=tp)
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(dp index, tp index) of a world rank."""
+        return rank // self.tp, rank % self.tp
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The process groups of a run, by name (the strings functional collectives take)."""
+
+    spec: MeshSpec
+    world: object  # DeviceMesh over all ranks (1-D): the mesh of the shard DTensors
+    grid: object  # DeviceMesh (dp, tp)
+    world_group: str
+    dp_group: str
+    tp_group: str
+    default_group: object  # the default process group these were made under
+
+
+_MESHES: dict[tuple[MeshSpec, str], Meshes] = {}
+
+
+def ensure_process_group() -> None:
+    """A one-rank gloo group when the script was not launched by torchrun."""
+    if dist.is_initialized():
+        return
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    log.info("mopc: no process group; created a one-rank gloo group")
+
+
+def device_type() -> str:
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def build_meshes(spec: MeshSpec) -> Meshes:
+    """Create (once) the 1-D world mesh and the (dp, tp) mesh with their groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (spec, device_type())
+    cached = _MESHES.get(key)
+    if cached is None or cached.default_group is not dist.group.WORLD:  # re-initialised since
+        world = init_device_mesh(device_type(), (spec.world_size,), mesh_dim_names=("world",))
+        grid = init_device_mesh(device_type(), (spec.dp, spec.tp), mesh_dim_names=("dp", "tp"))
+        _MESHES[key] = Meshes(
+            spec=spec, world=world, grid=grid,
+            world_group=world.get_group("world").group_name,
+            dp_group=grid.get_group("dp").group_name,
+            tp_group=grid.get_group("tp").group_name,
+            default_group=dist.group.WORLD,
+        )
+    return _MESHES[key]
+
+
+def rank_device() -> torch.device:
+    if device_type() == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

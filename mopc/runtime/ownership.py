@@ -1,0 +1,258 @@
+"""Sharded ownership: each rank holds a shard of every parameter at rest.
+
+A parameter's *layout* says how its values are spread over the world's ranks. It is cut
+into `num_chunks` chunks along `chunk_dim` (one per tensor-parallel rank, or one per rank
+for a vocabulary-sharded weight, or a single chunk), and each chunk is flattened, padded
+and split into equal *pieces* over the remaining ranks. World rank `r` holds piece
+`r // num_chunks` of chunk `r % num_chunks`; that matches a `(dp, tp)` device mesh in
+row-major order (the tensor-parallel rank varies fastest).
+
+The parameter stays a leaf the optimizer sees: an `nn.Parameter` wrapping a `DTensor`
+sharded over a 1-D world mesh (global shape `[world * piece_numel]`), so
+`clip_grad_norm_`, `state_dict()` and Distributed Checkpoint work on the shards. The
+module's attribute (`linear.weight`) is turned into a property returning
+`mopc::unshard(shard)`, the full parameter. That op is the *reference program*'s
+all-gather: eagerly it gathers for real; in a `mop`-compiled graph the `gather_params`
+pass lowers it (and its backward `mopc::reduce_grad`, a mean reduce-scatter) into
+functional collectives that other passes can bucket, overlap or replace.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ParamLayout",
+    "full_to_gathered",
+    "gathered_to_full",
+    "local_shard",
+    "reduce_grad_op",
+    "shard_module_params",
+    "sharded_param_names",
+    "unshard_op",
+]
+
+
+def _resolve_group(name: str) -> dist.ProcessGroup:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """How one parameter is spread over the world (see the module docstring)."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    chunk_dim: int = 0
+    num_chunks: int = 1
+    world_size: int = 1
+    kind: str = "flat"
+    """`flat` (ZeRO-3 over all ranks), `tp` (chunks over the tensor-parallel group,
+    pieces over data-parallel ranks) or `vocab` (one row block per rank)."""
+
+    @property
+    def num_pieces(self) -> int:
+        return self.world_size // self.num_chunks
+
+    @property
+    def chunk_numel(self) -> int:
+        return math.prod(self.shape) // self.num_chunks
+
+    @property
+    def piece_numel(self) -> int:
+        return -(-self.chunk_numel // self.num_pieces)
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        shape = list(self.shape)
+        shape[self.chunk_dim] //= self.num_chunks
+        return tuple(shape)
+
+    def validate(self) -> None:
+        if self.world_size % self.num_chunks:
+            raise ValueError(f"{self.fqn}: {self.num_chunks} chunks do not divide world size {self.world_size}")
+        if self.shape and self.shape[self.chunk_dim] % self.num_chunks:
+            raise ValueError(
+                f"{self.fqn}: dim {self.chunk_dim} of shape {list(self.shape)} is not divisible by "
+                f"{self.num_chunks}"
+            )
+
+
+# ------------------------------------------------------------------------ layout math
+# Written with view ops only, so the same functions serve the eager ops, their fake
+# kernels and the graph rewrite (which traces them).
+
+
+def gathered_to_full(gathered: torch.Tensor, shape: list[int], chunk_dim: int, num_chunks: int,
+                     world: int) -> torch.Tensor:
+    """[world * piece_numel] in rank order -> the full parameter (inverse of full_to_gathered)."""
+    numel = math.prod(shape)
+    if num_chunks == 1:
+        return gathered[:numel].view(shape)
+    num_pieces = world // num_chunks
+    chunk_numel = numel // num_chunks
+    pieces = gathered.view(num_pieces, num_chunks, -1).transpose(0, 1).reshape(num_chunks, -1)
+    chunk_shape = list(shape)
+    chunk_shape[chunk_dim] //= num_chunks
+    chunks = pieces[:, :chunk_numel].reshape(num_chunks, *chunk_shape)
+    return chunks.movedim(0, chunk_dim).reshape(shape)
+
+
+def full_to_gathered(full: torch.Tensor, chunk_dim: int, num_chunks: int, world_size: int) -> torch.Tensor:
+    """The full parameter (or its gradient) -> [world * piece_numel] in rank order."""
+    num_pieces = world_size // num_chunks
+    chunk_numel = full.numel() // num_chunks
+    piece_numel = -(-chunk_numel // num_pieces)
+    pad = num_pieces * piece_numel - chunk_numel
+    if num_chunks == 1:
+        return F.pad(full.reshape(-1), (0, pad))
+    shape = list(full.shape)
+    split = shape[:chunk_dim] + [num_chunks, shape[chunk_dim] // num_chunks] + shape[chunk_dim + 1:]
+    chunks = full.reshape(split).movedim(chunk_dim, 0).reshape(num_chunks, chunk_numel)
+    chunks = F.pad(chunks, (0, pad))
+    return chunks.view(num_chunks, num_pieces, piece_numel).transpose(0, 1).reshape(-1)
+
+
+def local_shard(full: torch.Tensor, layout: ParamLayout, rank: int) -> torch.Tensor:
+    """This rank's piece of `full` (a real tensor with the parameter's full shape)."""
+    gathered = full_to_gathered(full.detach(), layout.chunk_dim, layout.num_chunks, layout.world_size)
+    n = layout.piece_numel
+    return gathered[rank * n:(rank + 1) * n].clone()
+
+
+# ------------------------------------------------------------------------ the ops
+
+
+@torch.library.custom_op("mopc::unshard", mutates_args=())
+def unshard_op(shard: torch.Tensor, shape: list[int], chunk_dim: int, num_chunks: int, group_name: str) -> torch.Tensor:
+    """All-gather this rank's piece over `group_name` (the world) into the full parameter."""
+    group = _resolve_group(group_name)
+    world = group.size()
+    gathered = shard.new_empty(shard.numel() * world)
+    dist.all_gather_into_tensor(gathered, shard.contiguous(), group=group)
+    return gathered_to_full(gathered, shape, chunk_dim, num_chunks, world).clone()
+
+
+@unshard_op.register_fake
+def _unshard_fake(shard, shape, chunk_dim, num_chunks, group_name):
+    return shard.new_empty(shape)
+
+
+@torch.library.custom_op("mopc::reduce_grad", mutates_args=())
+def reduce_grad_op(grad: torch.Tensor, chunk_dim: int, num_chunks: int, group_name: str) -> torch.Tensor:
+    """Mean over the world of the full gradient, this rank's piece of it (reduce-scatter)."""
+    group = _resolve_group(group_name)
+    world = group.size()
+    gathered = full_to_gathered(grad, chunk_dim, num_chunks, world).contiguous()
+    out = grad.new_empty(gathered.numel() // world)
+    dist.reduce_scatter_tensor(out, gathered, group=group)
+    return out.div_(world)
+
+
+@reduce_grad_op.register_fake
+def _reduce_grad_fake(grad, chunk_dim, num_chunks, group_name):
+    world = _resolve_group(group_name).size()
+    chunk_numel = grad.numel() // num_chunks
+    num_pieces = world // num_chunks
+    return grad.new_empty(-(-chunk_numel // num_pieces))
+
+
+def _unshard_setup(ctx, inputs, output):
+    _, _, ctx.chunk_dim, ctx.num_chunks, ctx.group_name = inputs
+
+
+def _unshard_backward(ctx, grad):
+    shard_grad = torch.ops.mopc.reduce_grad(grad, ctx.chunk_dim, ctx.num_chunks, ctx.group_name)
+    return shard_grad, None, None, None, None
+
+
+torch.library.register_autograd("mopc::unshard", _unshard_backward, setup_context=_unshard_setup)
+
+
+# ------------------------------------------------------------------------ modules
+
+def _gather_property(name: str, layout: ParamLayout, group_name: str) -> property:
+    shape = list(layout.shape)
+
+    def fget(self: nn.Module) -> torch.Tensor:
+        local = self._parameters[name].to_local()  # every shard is a DTensor parameter
+        return torch.ops.mopc.unshard(local, shape, layout.chunk_dim, layout.num_chunks, group_name)
+
+    return property(fget)
+
+
+def _sharded_class(cls: type, names: tuple[str, ...], props: dict[str, property]) -> type:
+    # one subclass per module: its properties close over that module's layouts
+    return type(f"Sharded{cls.__name__}", (cls,), {"_mopc_sharded": names, **props})
+
+
+def sharded_param_names(module: nn.Module) -> tuple[str, ...]:
+    return getattr(type(module), "_mopc_sharded", ())
+
+
+def shard_module_params(
+    model: nn.Module,
+    layouts: dict[str, ParamLayout],
+    *,
+    rank: int,
+    world_mesh,
+    group_name: str,
+    full_value: Callable[[str, torch.Tensor], torch.Tensor],
+    device: torch.device,
+) -> None:
+    """Replace each parameter of `layouts` by its shard (a DTensor parameter) in place.
+
+    `full_value(fqn, param)` returns the full values of one parameter (the parameter
+    itself for a materialised model, or a freshly initialised tensor for a `meta` model);
+    only one full parameter exists at a time. Tied parameters are sharded once.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    done: dict[int, nn.Parameter] = {}
+    per_module: dict[nn.Module, dict[str, tuple[nn.Parameter, ParamLayout]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            fqn = f"{mod_name}.{name}" if mod_name else name
+            key = id(param)
+            if key not in done:
+                layout = _layout_for(fqn, param, layouts)
+                if layout is None:
+                    continue
+                full = full_value(fqn, param)
+                local = local_shard(full.to(device=device, dtype=param.dtype), layout, rank)
+                del full
+                dt = DTensor.from_local(local, world_mesh, [Shard(0)], run_check=False)
+                new = nn.Parameter(dt, requires_grad=param.requires_grad)
+                new._mopc_layout = layout  # type: ignore[attr-defined]
+                done[key] = new
+            new = done[key]
+            per_module.setdefault(module, {})[name] = (new, new._mopc_layout)  # type: ignore[attr-defined]
+    for module, params in per_module.items():
+        props = {name: _gather_property(name, layout, group_name) for name, (_, layout) in params.items()}
+        for name, (new, _) in params.items():
+            del module._parameters[name]
+        module.__class__ = _sharded_class(type(module), tuple(params), props)
+        for name, (new, _) in params.items():
+            module._parameters[name] = new
+
+
+def _layout_for(fqn: str, param: torch.Tensor, layouts: dict[str, ParamLayout]) -> ParamLayout | None:
+    return layouts.get(fqn)
+
+
+def iter_layouts(model: nn.Module) -> Iterable[tuple[str, ParamLayout]]:
+    for fqn, param in model.named_parameters():
+        layout = getattr(param, "_mopc_layout", None)
+        if layout is not None:
+            yield fqn, layout
