@@ -1,0 +1,329 @@
+"""Live-storage memory accounting per rank, for eager and compiled training steps.
+
+`torch.distributed._tools.mem_tracker.MemTracker` is a TorchDispatchMode, under which
+Dynamo skips frames, and the profiler records too little on CPU. What works for both
+eager and compiled steps is counting the bytes of live storages by category:
+
+- params: this rank's parameter storages (a DTensor parameter counts its local shard);
+- grads: the storages of the parameters' `.grad` (local shards likewise);
+- optimizer: the tensors in `optimizer.state` (Adam's moments, step counters, ...);
+- activations: storages saved for backward. A `saved_tensors_hooks` pack hook sees every
+  tensor autograd saves, compiled regions included (AOTAutograd saves through
+  `ctx.save_for_backward`). Each untyped storage counts once while any saved reference
+  to it is alive; the reference dies when autograd frees the saved slot, after that
+  node's backward. Storages that are parameters, grads or optimizer state are not
+  counted twice.
+
+The peak is the largest params + grads + optimizer + live activations seen at the
+sample points: the start of the step, every save, every release of a saved storage,
+every gradient accumulation into a parameter and the end of every optimizer step. Memory
+that is never saved for backward (temporaries between two saves, a gathered weight used
+and dropped within forward) is not seen; `peak_rss`, the process's resident high-water
+mark, is the cross-check that includes everything (Python, libraries, allocator slack).
+
+    tracker = MemoryTracker(model, optimizer)
+    for batch in data:
+        with tracker.step():
+            loss = compiled(**batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    tracker.report()   # {"rank", "params", "grads", "optimizer", "activations_peak", "peak", "peak_rss"}
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("mopc")
+
+__all__ = ["MemoryReport", "MemoryTracker", "local_tensor", "peak_rss_bytes", "storage_bytes"]
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage this rank holds: a DTensor's local shard, else `t`."""
+    inner = getattr(t, "_local_tensor", None)
+    return inner if isinstance(inner, torch.Tensor) else t
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(data_ptr, nbytes) of the untyped storage behind `t`, or None if it has none."""
+    t = local_tensor(t)
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return None
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # wrapper subclasses without a storage
+        return None
+    nbytes = storage.nbytes()
+    return (storage.data_ptr(), nbytes) if nbytes else None
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct untyped storages behind `tensors` (each storage once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        key = _storage_key(t)
+        if key is not None:
+            seen[key[0]] = key[1]
+    return sum(seen.values())
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> Iterator[torch.Tensor]:
+    if optimizer is None:
+        return
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+@dataclass
+class MemoryReport:
+    """One rank's memory by category, in bytes (activations and peak: the largest seen)."""
+
+    rank: int
+    params: int
+    grads: int
+    optimizer: int
+    activations_peak: int
+    peak: int
+    peak_rss: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Saved:
+    """What the pack hook hands autograd in place of a saved tensor; its death (autograd
+    freeing the saved slot) is what releases the storage in the count."""
+
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+@dataclass
+class _Entry:
+    """One saved storage: how many saved references hold it, and its size."""
+
+    storage: torch.UntypedStorage
+    refs: int
+    nbytes: int
+    resizable: bool
+    """A leaf's storage (an input or a gathered parameter): its owner may free it with
+    `untyped_storage().resize_(0)` while autograd still holds it (FSDP2 does, after
+    forward) and re-allocate it in backward, so its size is read again at each sample."""
+
+
+def _is_leaf_storage(t: torch.Tensor) -> bool:
+    base = t._base if t._base is not None else t
+    return base.is_leaf
+
+
+class MemoryTracker:
+    """Counts this rank's live bytes by category over training steps; see the module doc."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 rank: int | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.rank = _default_rank() if rank is None else rank
+        # Keyed by id() of the storage object: the entry holds the storage, so the id is
+        # not reused while the entry lives, and it survives a resize (a data_ptr does not).
+        self._live: dict[int, _Entry] = {}
+        self._fixed_bytes = 0  # live saved bytes of entries that are not resizable
+        self._resizable: dict[int, _Entry] = {}
+        self._owned: set[int] = set()  # data_ptrs of params, grads and optimizer state
+        self._params = self._grads = self._grads_max = self._optimizer = 0
+        self._param_list: list[torch.Tensor] = []  # this step's parameters (taken at its start)
+        self._grad_keys: dict[int, tuple[int, int] | None] = {}  # id(param) -> its grad's storage key
+        self._grad_hooks_fired = False
+        self._activations_peak = 0
+        self._peak = 0
+        self._in_step = False
+        # The hooks run inside compiled regions' eager fallbacks (FSDP2's hooks, graph
+        # breaks); Dynamo must not try to trace them as frames of their own.
+        self._pack_hook = _no_dynamo(self._pack)
+        self._unpack_hook = _no_dynamo(self._unpack)
+        self._release_hook = _no_dynamo(self._release)
+        self._on_grad_hook = _no_dynamo(self._on_grad)
+        self._on_optimizer_step_hook = _no_dynamo(self._on_optimizer_step)
+
+    # ------------------------------------------------------------------ categories
+
+    def _measure_static(self) -> None:
+        self._param_list = list(self.model.parameters())
+        self._params = storage_bytes(self._param_list)
+        self._measure_dynamic()
+
+    def _set_grads(self) -> None:
+        distinct = {key[0]: key[1] for key in self._grad_keys.values() if key is not None}
+        self._grads = sum(distinct.values())
+        self._grads_max = max(self._grads_max, self._grads)
+
+    def _measure_grads(self) -> list[torch.Tensor | None]:
+        grads = [p.grad for p in self._param_list]
+        self._grad_keys = {id(p): _storage_key(g) if g is not None else None
+                           for p, g in zip(self._param_list, grads, strict=True)}
+        self._set_grads()
+        return grads
+
+    def _measure_dynamic(self) -> None:
+        params = self._param_list
+        grads = self._measure_grads()
+        opt_state = list(_optimizer_tensors(self.optimizer))
+        self._optimizer = storage_bytes(opt_state)
+        owned = set()
+        for t in [*params, *grads, *opt_state]:
+            key = _storage_key(t) if t is not None else None
+            if key is not None:
+                owned.add(key[0])
+        self._owned = owned
+
+    def _live_bytes(self) -> int:
+        return self._fixed_bytes + sum(e.storage.nbytes() for e in self._resizable.values())
+
+    def _sample(self) -> None:
+        live = self._live_bytes()
+        total = self._params + self._grads + self._optimizer + live
+        self._peak = max(self._peak, total)
+        self._activations_peak = max(self._activations_peak, live)
+
+    # ------------------------------------------------------------------ saved tensors
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        key = _storage_key(tensor)
+        if key is None or key[0] in self._owned:
+            return tensor
+        storage = local_tensor(tensor).untyped_storage()
+        sid = id(storage)
+        entry = self._live.get(sid)
+        if entry is None:
+            entry = _Entry(storage=storage, refs=1, nbytes=key[1], resizable=_is_leaf_storage(tensor))
+            self._live[sid] = entry
+            if entry.resizable:
+                self._resizable[sid] = entry
+            else:
+                self._fixed_bytes += entry.nbytes
+            self._sample()
+        else:
+            entry.refs += 1
+        saved = _Saved(tensor)
+        weakref.finalize(saved, self._release_hook, sid)
+        return saved
+
+    @staticmethod
+    def _unpack(saved: Any) -> torch.Tensor:
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def _release(self, sid: int) -> None:
+        entry = self._live.get(sid)
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs:
+            return
+        if self._in_step:
+            if not self._grad_hooks_fired:
+                # Gradients may arrive without an accumulation hook (FSDP2 assigns its
+                # reduce-scattered shards to .grad directly): look at them again.
+                self._measure_grads()
+            self._sample()
+        del self._live[sid]
+        if entry.resizable:
+            del self._resizable[sid]
+        else:
+            self._fixed_bytes -= entry.nbytes
+
+    # ------------------------------------------------------------------ hooks
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        self._grad_hooks_fired = True
+        key = _storage_key(param.grad) if param.grad is not None else None
+        self._grad_keys[id(param)] = key
+        if key is not None:
+            self._owned.add(key[0])
+        self._set_grads()
+        self._sample()
+
+    def _on_optimizer_step(self, *_args: Any) -> None:
+        self._measure_dynamic()
+        self._sample()
+
+    def _install_hooks(self) -> list[Any]:
+        handles = []
+        for p in self._param_list:
+            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
+                try:
+                    handles.append(p.register_post_accumulate_grad_hook(self._on_grad_hook))
+                except RuntimeError:  # non-leaf or subclass that refuses hooks
+                    pass
+        if self.optimizer is not None:
+            handles.append(self.optimizer.register_step_post_hook(self._on_optimizer_step_hook))
+        return handles
+
+    @contextmanager
+    def step(self) -> Iterator[MemoryTracker]:
+        """Track one training step (forward, backward, optimizer step) inside the block."""
+        self._measure_static()
+        self._sample()
+        self._grad_hooks_fired = False
+        handles = self._install_hooks()
+        self._in_step = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack_hook, self._unpack_hook):
+                yield self
+        finally:
+            self._in_step = False
+            for handle in handles:
+                handle.remove()
+            self._measure_dynamic()
+            self._sample()
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def live_activation_bytes(self) -> int:
+        """Bytes of saved storages still held by autograd right now."""
+        return self._live_bytes()
+
+    def report(self) -> dict[str, int]:
+        """This rank's bytes by category: params and optimizer state as of the end of the
+        last step, the most gradient bytes seen (`zero_grad()` frees them at the end of a
+        step), the peak of live saved activations, the peak total and the process's peak RSS."""
+        return self.memory_report().to_dict()
+
+    def memory_report(self) -> MemoryReport:
+        return MemoryReport(rank=self.rank, params=self._params, grads=self._grads_max,
+                            optimizer=self._optimizer, activations_peak=self._activations_peak,
+                            peak=self._peak, peak_rss=peak_rss_bytes())
+
+
+def _no_dynamo(fn: Any) -> Any:
+    return torch._dynamo.disable(fn, recursive=True)
+
+
+def _default_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
