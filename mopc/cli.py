@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import time
-from pathlib import Path
+import types
+import typing
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from mopc.runtime.trainer import TrainSettings
 
 log = logging.getLogger("mopc")
 
 
-def _build(name: str, device: str, seed: int):  # noqa: ANN202
+def _build(name: str, device: str, seed: int):
     from mopc.models.presets import PRESETS, build_model
 
     if name not in PRESETS:
@@ -22,7 +29,7 @@ def _build(name: str, device: str, seed: int):  # noqa: ANN202
     return build_model(name, device=device, seed=seed)
 
 
-def _example_inputs(model, batch: int, seq_len: int, device: str) -> dict:  # noqa: ANN001
+def _example_inputs(model, batch: int, seq_len: int, device: str) -> dict:
     vocab = model.config.vocab_size
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device) if device == "meta" else \
         torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
@@ -60,30 +67,185 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from mopc.analysis import analyze
-    from mopc.runtime.trainer import train, write_json
+# ---------------------------------------------------------------------------- train
 
-    torch.manual_seed(args.seed)
-    model = _build(args.model, "cpu", args.seed)
-    options = {"dump_dir": args.dump_dir} if args.dump_dir and args.backend == "mop" else None
-    n = sum(p.numel() for p in model.parameters())
-    print(f"mopc train: model {args.model} ({n / 1e6:.1f}M parameters), backend {args.backend}, "
-          f"{args.steps} steps of batch [{args.batch}, {args.seq_len}]", flush=True)
-    report = train(model, model_name=args.model, steps=args.steps, batch=args.batch, seq_len=args.seq_len,
-                   vocab=model.config.vocab_size, backend=args.backend, options=options, lr=args.lr,
-                   seed=args.seed, progress=not args.quiet)
-    print(f"\nloss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}; first step (with compile) "
-          f"{report.step_seconds[0]:.1f}s; {report.tokens_per_second:,.0f} tokens/s after it")
-    print("\nwhat mopc sees in this model (roles, parameters, saved activations, flops per step):\n")
-    print(analyze(model, _example_inputs(model, args.batch, args.seq_len, "cpu")).summary())
-    if options:
-        graphs = sorted(p.name for p in Path(args.dump_dir).iterdir() if p.is_dir())
-        print(f"\ngraph dumps, one file per pass: {os.path.abspath(args.dump_dir)}/ ({', '.join(graphs)})")
-    if args.json:
-        write_json(report, args.json)
-        print(f"report: {args.json}")
+_TRAIN_FLAGS = frozenset({"model", "steps", "seed", "batch", "seq_len", "lr", "backend", "baseline", "json",
+                          "quiet", "nproc", "compile_baseline", "verbose"})
+"""Trainer flags; a MoPConfig field of the same name would be shadowed (and is not generated)."""
+
+_MOP_DEST = "mop__"
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (the first sentence), for `--help`."""
+    import ast
+    import inspect
+    import itertools
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, after in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            text = " ".join(after.value.value.split())
+            docs[node.target.id] = text.split(". ")[0].rstrip(".").replace("%", "%%")
+    return docs
+
+
+def _comma_tuple(item_type: type) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        return tuple(item_type(part.strip()) for part in text.split(",") if part.strip())
+
+    parse.__name__ = f"comma-separated {item_type.__name__}s"
+    return parse
+
+
+def _flag_kwargs(name: str, hint: Any) -> dict[str, Any]:
+    """argparse keywords for a MoPConfig field of type `hint`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        # `X | None`: the flag sets X; leaving it out keeps the default (None).
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _flag_kwargs(name, inner[0])
+        raise TypeError(f"MoPConfig.{name}: cannot make a flag for {hint}")
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is typing.Literal:
+        return {"type": type(args[0]), "choices": list(args), "metavar": "{" + ",".join(map(str, args)) + "}"}
+    if origin is tuple:
+        return {"type": _comma_tuple(args[0]), "metavar": "A,B,..."}
+    if hint in (int, float, str):
+        return {"type": hint, "metavar": name.upper()}
+    raise TypeError(f"MoPConfig.{name}: cannot make a flag for {hint}")
+
+
+def add_mop_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per `MoPConfig` field (`--foo-bar` for `foo_bar`); unset flags stay unset."""
+    from mopc.config import MoPConfig
+
+    group = parser.add_argument_group("mop options (fields of mopc.MoPConfig; only the ones given are passed)")
+    hints = typing.get_type_hints(MoPConfig)
+    docs = _field_docs(MoPConfig)
+    for f in dataclasses.fields(MoPConfig):
+        if f.name in _TRAIN_FLAGS:
+            log.warning("MoPConfig.%s is shadowed by the trainer flag of the same name", f.name)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})".strip()
+        group.add_argument("--" + f.name.replace("_", "-"), dest=_MOP_DEST + f.name, default=argparse.SUPPRESS,
+                           help=help_text, **_flag_kwargs(f.name, hints[f.name]))
+
+
+def mop_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The MoPConfig fields set on the command line, by field name."""
+    return {k[len(_MOP_DEST):]: v for k, v in vars(args).items() if k.startswith(_MOP_DEST)}
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """TrainSettings from parsed `mopc train` arguments; MoPConfig options validated here."""
+    from mopc.config import MoPConfig
+    from mopc.runtime.trainer import TrainSettings
+
+    options = mop_options(args)
+    MoPConfig.from_options(options)  # a bad value fails before any process starts
+    return TrainSettings(model=args.model, steps=args.steps, seed=args.seed, batch=args.batch,
+                         seq_len=args.seq_len, lr=args.lr, backend=args.backend, baseline=args.baseline,
+                         compile_baseline=args.compile_baseline, json_path=args.json, quiet=args.quiet,
+                         mop_options=options)
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def launch_torchrun(nproc: int, train_argv: list[str]) -> int:
+    """Run `mopc train` on `nproc` local ranks: torchrun as a subprocess, one thread each."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "mopc", *train_argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    log.info("launching: %s", " ".join(cmd))
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mopc.runtime.trainer import (
+        TrainSettingsError,
+        format_table,
+        run_training,
+        write_json,
+    )
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as err:
+        raise SystemExit(f"mopc train: {err}") from None
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if args.nproc is not None and not under_torchrun:
+        try:
+            settings.validate(args.nproc)
+        except TrainSettingsError as err:
+            raise SystemExit(f"mopc train: {err}") from None
+        return launch_torchrun(args.nproc, _strip_nproc(args.argv))
+    if args.nproc is not None and int(os.environ["WORLD_SIZE"]) != args.nproc:
+        raise SystemExit(f"mopc train: --nproc {args.nproc} under torchrun with WORLD_SIZE="
+                         f"{os.environ['WORLD_SIZE']}; drop --nproc when launching with torchrun yourself")
+    try:
+        report = run_training(settings)
+    except TrainSettingsError as err:
+        raise SystemExit(f"mopc train: {err}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"\nmopc train: {settings.model}, {settings.program} (runs as {report['config']['runs_as']}), "
+              f"{report['world_size']} rank(s), global batch [{settings.batch}, {settings.seq_len}]")
+        print(format_table(report))
+        dump_dir = settings.mop_options.get("dump_dir")
+        if dump_dir and settings.program == "mop":
+            print(f"graph dumps, one file per pass (rank 0): {os.path.abspath(dump_dir)}/")
+        if settings.json_path:
+            write_json(report, settings.json_path)
+            print(f"report: {settings.json_path}")
     return 0
+
+
+def _add_train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a preset on synthetic data: mop, the eager reference, or a baseline",
+                       description="Train a preset on synthetic data on one or several ranks. "
+                                   "Run under torchrun, or pass --nproc W to have mopc launch torchrun.")
+    p.add_argument("--model", default="tiny", choices=["tiny", "small"], help="model preset")
+    p.add_argument("--nproc", type=_positive, default=None,
+                   help="launch this many local ranks with torchrun (gloo, OMP_NUM_THREADS=1)")
+    p.add_argument("--backend", default="mop", choices=["mop", "eager"],
+                   help="mop, or eager: the single-device reference (one process)")
+    p.add_argument("--baseline", default=None, choices=["fsdp2", "ddp"], help="train a baseline instead of mop")
+    p.add_argument("--compile-baseline", default=True, action=argparse.BooleanOptionalAction,
+                   help="compile the baseline with backend='aot_eager' (default) or run it eagerly")
+    p.add_argument("--steps", type=_positive, default=10)
+    p.add_argument("--batch", type=_positive, default=4,
+                   help="global batch; each of W ranks takes batch // W rows (must divide)")
+    p.add_argument("--seq-len", type=_positive, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write the report here (rank 0): config, losses, memory, comm bytes, step time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mop_options(p)
+    p.set_defaults(fn=cmd_train)
 
 
 def _positive(text: str) -> int:
@@ -93,7 +255,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopc", description="Mixture-of-Parallelisms compiler")
     parser.add_argument("-v", "--verbose", action="store_true", help="log mopc's passes (logger 'mopc')")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,20 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump-dir", default="mopc_dumps", help="where pass dumps go ('' to skip)")
     p.set_defaults(fn=cmd_explain)
 
-    p = sub.add_parser("train", help="train a preset on synthetic data with backend='mop'")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--backend", default="mop", help="mop, eager, aot_eager, inductor")
-    p.add_argument("--steps", type=_positive, default=10)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dump-dir", default=None, help="write one graph dump per pass here")
-    p.add_argument("--json", default=None, help="write the run's report (losses, timings) here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_train)
+    _add_train_parser(sub)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s %(levelname)s: %(message)s")
     return args.fn(args)

@@ -1,27 +1,68 @@
-"""A small training loop for `mopc train`: synthetic data, AdamW, progress, JSON report.
+"""The training loop behind `mopc train`: one program per rank, synthetic data, AdamW.
 
-The data is learnable on purpose (arithmetic token sequences over the first 256 tokens:
-each sequence starts at a random token and steps by a random stride), so the loss
-visibly falls within a few steps and two runs can be compared step by step.
+Programs (`TrainSettings.program`):
+- `mop`: `mopc.parallelize` (shards at rest, built on `meta` and initialised shard by
+  shard) then `torch.compile(backend="mop")`;
+- `eager`: the single-device reference, one process, the whole global batch;
+- `fsdp2` / `ddp`: the baselines of `mopc.runtime.baselines`.
+
+Data: `--batch` is the *global* batch. Every rank draws the same global batch for a step
+and takes its slice of `batch // world` rows, so the mean of the rank losses is the
+loss of the whole batch and runs at different world sizes (and the eager reference)
+can be compared step by step. The data is learnable on purpose (arithmetic token
+sequences over the first 256 tokens: each starts at a random token and steps by a random
+stride), so the loss visibly falls within a few steps.
+
+Each step is measured per rank: memory by category (`mopc.runtime.memory`), collective
+bytes (`mopc.runtime.comm`) and wall time. Rank 0 gathers the results, prints a table and
+writes the JSON report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from mopc.runtime.comm import (
+    COMM_BYTES_SOURCE,
+    CommCounter,
+    CommStats,
+    enable_flight_recorder,
+)
+from mopc.runtime.memory import MemoryTracker
 
 log = logging.getLogger("mopc")
 
+__all__ = [
+    "Progress",
+    "TrainSettings",
+    "TrainSettingsError",
+    "format_table",
+    "rank_batch",
+    "run_training",
+    "synthetic_batch",
+    "write_json",
+]
+
+
+class TrainSettingsError(ValueError):
+    """A bad `mopc train` setting: the message names the flag and the fix."""
+
 
 def synthetic_batch(step: int, batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Batch `step` of the arithmetic-sequence task: input_ids and next-token labels."""
+    """Global batch `step` of the arithmetic-sequence task: input_ids and next-token labels."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     span = min(vocab, 256)  # a small alphabet: the loss falls within a few steps
     start = torch.randint(0, span, (batch, 1), generator=gen)
@@ -29,6 +70,14 @@ def synthetic_batch(step: int, batch: int, seq_len: int, vocab: int, seed: int =
     pos = torch.arange(seq_len + 1).unsqueeze(0)
     tokens = (start + stride * pos) % span
     return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+
+
+def rank_batch(step: int, batch: int, seq_len: int, vocab: int, seed: int, rank: int,
+               world: int) -> dict[str, torch.Tensor]:
+    """This rank's rows (`batch // world` of them) of global batch `step`."""
+    rows = batch // world
+    full = synthetic_batch(step, batch, seq_len, vocab, seed)
+    return {k: v[rank * rows:(rank + 1) * rows].contiguous() for k, v in full.items()}
 
 
 class Progress:
@@ -54,63 +103,248 @@ class Progress:
         self.stream.flush()
 
 
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Everything `mopc train` was asked to do (the JSON report's `config`)."""
+
+    model: str = "tiny"
+    steps: int = 10
+    seed: int = 0
+    batch: int = 4
+    """Global batch: each of the W ranks takes `batch // W` rows of it."""
+    seq_len: int = 128
+    lr: float = 3e-3
+    backend: str = "mop"
+    """`mop` or `eager` (the single-device reference; world size 1 only)."""
+    baseline: str | None = None
+    """`fsdp2` or `ddp` instead of `backend`."""
+    compile_baseline: bool = True
+    """Compile the baseline with `aot_eager` (else run it eagerly)."""
+    json_path: str | None = None
+    quiet: bool = False
+    mop_options: dict[str, Any] = field(default_factory=dict)
+    """The `mopc.MoPConfig` fields the user set (only those)."""
+
+    @property
+    def program(self) -> str:
+        return self.baseline or self.backend
+
+    def validate(self, world: int) -> None:
+        """Errors name the flag and what to change."""
+        if self.steps < 1:
+            raise TrainSettingsError(f"--steps {self.steps}: train at least one step")
+        if self.batch < 1 or self.batch % world:
+            raise TrainSettingsError(
+                f"--batch {self.batch} is the global batch and must be a positive multiple of the "
+                f"world size {world} (each rank takes batch // world rows); use e.g. --batch "
+                f"{max(world, self.batch - self.batch % world or world)}"
+            )
+        if self.backend not in ("mop", "eager"):
+            raise TrainSettingsError(f"--backend {self.backend!r}: choose mop or eager")
+        if self.baseline is not None and self.baseline not in ("fsdp2", "ddp"):
+            raise TrainSettingsError(f"--baseline {self.baseline!r}: choose fsdp2 or ddp")
+        if self.program == "eager" and world != 1:
+            raise TrainSettingsError(
+                f"--backend eager is the single-device reference and runs on one process, not {world}; "
+                "drop --nproc (or use --backend mop / --baseline ddp|fsdp2 for several ranks)"
+            )
+        if self.baseline is not None and self.backend != "mop":
+            raise TrainSettingsError(f"--baseline {self.baseline} and --backend {self.backend}: choose one")
+        layout_options = sorted(set(self.mop_options) - {"dump_dir"})
+        if self.program != "mop" and layout_options:
+            flags = ", ".join("--" + name.replace("_", "-") for name in layout_options)
+            raise TrainSettingsError(f"{flags} apply to --backend mop only, not to {self.program}")
+
+
+# ---------------------------------------------------------------------------- programs
+
+
 @dataclass
-class TrainReport:
-    model: str
-    backend: str
-    steps: int
-    batch: int
-    seq_len: int
-    num_params: int
-    losses: list[float] = field(default_factory=list)
-    step_seconds: list[float] = field(default_factory=list)
-    compile_seconds: float = 0.0
-    tokens_per_second: float = 0.0
-    dump_dir: str | None = None
+class Program:
+    """What a training step runs: the module the optimizer sees and the callable."""
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+    module: nn.Module
+    step_fn: Callable[..., torch.Tensor]
+    runs_as: str
+    """How the step runs: `mop`, `aot_eager` (compiled baseline) or `eager`."""
+    build_seconds: float = 0.0
 
 
-def train(
-    model: torch.nn.Module,
-    *,
-    model_name: str,
-    steps: int,
-    batch: int,
-    seq_len: int,
-    vocab: int,
-    backend: str | Callable = "mop",
-    options: dict[str, Any] | None = None,
-    lr: float = 3e-3,
-    seed: int = 0,
-    progress: bool = True,
-) -> TrainReport:
-    """Train `model` for `steps` AdamW steps on synthetic data; first step includes compile."""
-    compiled = model if backend == "eager" else torch.compile(model, backend=backend, options=options)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    report = TrainReport(model=model_name, backend=str(backend), steps=steps, batch=batch, seq_len=seq_len,
-                         num_params=sum(p.numel() for p in model.parameters()),
-                         dump_dir=(options or {}).get("dump_dir"))
-    bar = Progress(steps, f"train {model_name} ({backend})") if progress else None
-    for step in range(steps):
-        data = synthetic_batch(step, batch, seq_len, vocab, seed)
+def init_distributed() -> tuple[int, int]:
+    """(rank, world). Under torchrun (WORLD_SIZE set) create the gloo default group,
+    with the flight recorder on so collectives can be counted."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        enable_flight_recorder()
+        dist.init_process_group("gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mop_compile_options(settings: TrainSettings, rank: int) -> dict[str, Any]:
+    options = dict(settings.mop_options)
+    if rank != 0:
+        options.pop("dump_dir", None)  # SPMD: rank 0's graphs stand for every rank's
+    return options
+
+
+def _build_mop(settings: TrainSettings, rank: int, world: int) -> Program:
+    import mopc
+    from mopc.models import build_model, make_init_fn
+
+    model = build_model(settings.model, device="meta", seed=settings.seed)
+    example = rank_batch(0, settings.batch, settings.seq_len, model.config.vocab_size, settings.seed,
+                         rank, world)
+    layout = {k: v for k, v in settings.mop_options.items() if k != "dump_dir"}
+    model = mopc.parallelize(model, example, init_fn=make_init_fn(model, settings.seed), **layout)
+    compiled = torch.compile(model, backend="mop", options=_mop_compile_options(settings, rank))
+    return Program(module=model, step_fn=compiled, runs_as="mop")
+
+
+def build_program(settings: TrainSettings, rank: int, world: int) -> Program:
+    """Build the model and wrap it the way `settings` asks, on this rank."""
+    from mopc.models import build_model
+    from mopc.runtime.baselines import wrap_baseline
+
+    start = time.perf_counter()
+    if settings.program == "mop":
+        program = _build_mop(settings, rank, world)
+    else:
+        model = build_model(settings.model, device="cpu", seed=settings.seed)
+        if settings.program == "eager":
+            program = Program(module=model, step_fn=model, runs_as="eager")
+        else:
+            module, step_fn, runs_as = wrap_baseline(model, settings.program, compile=settings.compile_baseline)
+            program = Program(module=module, step_fn=step_fn, runs_as=runs_as)
+    program.build_seconds = time.perf_counter() - start
+    return program
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _StepRecord:
+    loss: float
+    seconds: float
+    comm: CommStats
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    """The mean over ranks of a scalar (gloo has no AVG: sum, then divide)."""
+    value = value.detach().to(torch.float64).reshape(1).clone()
+    if world > 1:
+        dist.all_reduce(value)
+    return float(value) / world
+
+
+def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.optim.Optimizer,
+                 tracker: MemoryTracker, rank: int, world: int, vocab: int) -> list[_StepRecord]:
+    bar = Progress(settings.steps, f"train {settings.model} ({program.runs_as}, {world} rank"
+                   f"{'s' if world > 1 else ''})") if rank == 0 and not settings.quiet else None
+    counter = CommCounter()
+    records = []
+    for step in range(settings.steps):
+        data = rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank, world)
+        counter.mark()
         start = time.perf_counter()
-        loss = compiled(**data)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with tracker.step():
+            loss = program.step_fn(**data)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
-        report.losses.append(float(loss.detach()))
-        report.step_seconds.append(seconds)
+        comm = counter.since_mark()
+        records.append(_StepRecord(loss=_global_mean(loss, world), seconds=seconds, comm=comm))
         if bar:
-            bar.update(step + 1, loss=f"{report.losses[-1]:.4f}", step_s=f"{seconds:.2f}")
-    if steps > 1:
-        report.compile_seconds = report.step_seconds[0] - sum(report.step_seconds[1:]) / (steps - 1)
-        report.tokens_per_second = batch * seq_len * (steps - 1) / sum(report.step_seconds[1:])
-    return report
+            bar.update(step + 1, loss=f"{records[-1].loss:.4f}", step_s=f"{seconds:.2f}")
+    return records
 
 
-def write_json(report: TrainReport, path: str | Path) -> None:
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _steady(values: list[float]) -> list[float]:
+    return values[1:] if len(values) > 1 else values
+
+
+def run_training(settings: TrainSettings) -> dict[str, Any]:
+    """Run `settings` on this rank; every rank returns the same report (rank 0 writes it)."""
+    rank, world = init_distributed()
+    settings.validate(world)
+    torch.manual_seed(settings.seed)
+    program = build_program(settings, rank, world)
+    optimizer = torch.optim.AdamW(program.module.parameters(), lr=settings.lr)
+    tracker = MemoryTracker(program.module, optimizer, rank=rank)
+    vocab = _vocab_size(program.module)
+    records = _train_steps(settings, program, optimizer, tracker, rank, world, vocab)
+
+    per_rank = _gather({"memory": tracker.report(),
+                        "step_seconds": [r.seconds for r in records],
+                        "comm_bytes": [r.comm.bytes_sent for r in records],
+                        "comm_complete": all(r.comm.complete for r in records)}, world)
+    # A step ends when its slowest rank ends: take the max over ranks, then the median over steps.
+    step_seconds = [max(p["step_seconds"][i] for p in per_rank) for i in range(settings.steps)]
+    comm_per_rank = [int(statistics.median(_steady(p["comm_bytes"]))) for p in per_rank]
+    last_comm = records[-1].comm
+    return {
+        "config": {**asdict(settings), "program": settings.program, "runs_as": program.runs_as},
+        "world_size": world,
+        "losses": [r.loss for r in records],
+        "memory": {
+            "peak_bytes": max(p["memory"]["peak"] for p in per_rank),
+            "per_rank": [p["memory"] for p in per_rank],
+        },
+        "comm_bytes_per_step": max(comm_per_rank),
+        "comm_bytes_per_rank": comm_per_rank,
+        "comm_bytes_source": COMM_BYTES_SOURCE if all(p["comm_complete"] for p in per_rank) or world == 1
+        else "incomplete: " + COMM_BYTES_SOURCE,
+        "comm_by_kind_last_step": last_comm.by_kind,
+        "step_time_s": statistics.median(_steady(step_seconds)),
+        "step_seconds": step_seconds,
+        "first_step_s": step_seconds[0],
+        "build_s": program.build_seconds,
+        "num_params": sum(p.numel() for p in program.module.parameters()),
+        "torch": torch.__version__,
+    }
+
+
+def _vocab_size(module: nn.Module) -> int:
+    inner = getattr(module, "module", module)  # DDP wraps the model
+    return inner.config.vocab_size
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:9.2f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Per-rank memory by category (MiB) and the run's losses, comm and step time."""
+    cols = ("params", "grads", "optimizer", "activations_peak", "peak", "peak_rss")
+    head = f"{'rank':>4} " + " ".join(f"{c:>16}" for c in cols)
+    lines = ["memory per rank (MiB; live storages, peak_rss = process high-water mark)", head]
+    for m in report["memory"]["per_rank"]:
+        lines.append(f"{m['rank']:>4} " + " ".join(f"{_mib(m[c]):>16}" for c in cols))
+    losses = report["losses"]
+    lines.append(
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; "
+        f"step {report['step_time_s']:.3f}s (median after the first; first {report['first_step_s']:.1f}s); "
+        f"comm {report['comm_bytes_per_step'] / 2**20:.2f} MiB sent per rank per step"
+    )
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(report.to_json())
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,115 @@
+"""`mopc train`: flags generated from MoPConfig, clear errors, and loss parity across ranks."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+
+import pytest
+
+from mopc.cli import build_parser, main, mop_options
+from mopc.config import MoPConfig
+from mopc.runtime.trainer import TrainSettings, TrainSettingsError
+
+REPORT_KEYS = {"config", "world_size", "losses", "memory", "comm_bytes_per_step", "comm_bytes_source",
+               "step_time_s"}
+MEMORY_KEYS = {"rank", "params", "grads", "optimizer", "activations_peak", "peak", "peak_rss"}
+
+
+def _sample(name: str, hint: typing.Any, default: typing.Any) -> tuple[list[str], typing.Any]:
+    """Command-line words that set field `name` to a non-default value, and that value."""
+    flag = "--" + name.replace("_", "-")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return ([f"--no-{flag[2:]}"], False) if default else ([flag], True)
+    if origin is typing.Literal:
+        value = next(a for a in args if a != default)
+        return [flag, str(value)], value
+    if origin is tuple:
+        return [flag, "a,b"], ("a", "b")
+    value = {int: 2, float: 0.5, str: "somewhere"}[hint]
+    return [flag, str(value)], value
+
+
+def _train_args(*words: str) -> argparse.Namespace:
+    return build_parser().parse_args(["train", *words])
+
+
+def test_every_moconfig_field_is_a_flag():
+    hints = typing.get_type_hints(MoPConfig)
+    fields = dataclasses.fields(MoPConfig)
+    assert fields, "MoPConfig has fields"
+    for f in fields:
+        words, value = _sample(f.name, hints[f.name], f.default)
+        assert mop_options(_train_args(*words)) == {f.name: value}, words
+
+
+def test_only_flags_given_are_passed():
+    assert mop_options(_train_args()) == {}
+    options = mop_options(_train_args("--dump-dir", "d", "--debug"))
+    assert options == {"dump_dir": "d", "debug": True}
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit) as err:
+        _train_args("--no-such-option", "3")
+    assert err.value.code == 2
+    assert "--no-such-option" in capsys.readouterr().err
+
+
+def test_literal_flag_rejects_other_values(capsys):
+    literal = next(f.name for f in dataclasses.fields(MoPConfig)
+                   if typing.get_origin(typing.get_type_hints(MoPConfig)[f.name]) is typing.Literal)
+    with pytest.raises(SystemExit):
+        _train_args("--" + literal.replace("_", "-"), "not-a-choice")
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_batch_not_divisible_by_world_names_the_flag(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--nproc", "2", "--batch", "5", "--baseline", "ddp"])
+    assert "--batch 5" in str(err.value) and "world size 2" in str(err.value)
+
+
+def test_settings_errors_name_the_fix():
+    with pytest.raises(TrainSettingsError, match="--backend eager"):
+        TrainSettings(backend="eager", batch=4).validate(2)
+    with pytest.raises(TrainSettingsError, match="--tp apply to --backend mop only"):
+        TrainSettings(baseline="ddp", mop_options={"tp": 2}).validate(2)
+    TrainSettings(baseline="fsdp2", batch=4).validate(4)
+
+
+@pytest.mark.multiprocess
+def test_ddp_two_ranks_matches_eager(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = ["--model", "tiny", "--steps", "3", "--batch", "4", "--seq-len", "16", "--quiet"]
+    assert main(["train", "--backend", "eager", "--json", str(tmp_path / "eager.json"), *common]) == 0
+    assert main(["train", "--nproc", "2", "--baseline", "ddp", "--no-compile-baseline",
+                 "--json", str(tmp_path / "ddp.json"), *common]) == 0
+    eager = json.loads((tmp_path / "eager.json").read_text())
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+
+    for report, world in ((eager, 1), (ddp, 2)):
+        assert REPORT_KEYS <= set(report)
+        assert report["world_size"] == world
+        assert len(report["losses"]) == 3
+        assert [m["rank"] for m in report["memory"]["per_rank"]] == list(range(world))
+        for m in report["memory"]["per_rank"]:
+            assert set(m) == MEMORY_KEYS
+            assert m["params"] > 0 and m["grads"] > 0 and m["optimizer"] > 0 and m["activations_peak"] > 0
+        assert report["memory"]["peak_bytes"] == max(m["peak"] for m in report["memory"]["per_rank"])
+    assert ddp["config"]["runs_as"] == "eager" and ddp["config"]["program"] == "ddp"
+    assert ddp["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    # DDP replicates: same parameter bytes as one device, fewer activations (half the batch),
+    # and one all-reduce of every gradient per step: 2 N (W-1)/W = N bytes sent at W = 2.
+    e_mem, d_mem = eager["memory"]["per_rank"][0], ddp["memory"]["per_rank"][0]
+    assert d_mem["params"] == e_mem["params"]
+    assert d_mem["activations_peak"] < e_mem["activations_peak"]
+    assert eager["comm_bytes_per_step"] == 0
+    assert ddp["comm_bytes_per_step"] >= e_mem["params"]
