@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from functorch.compile import default_partition, make_boxed_func, min_cut_rematerialization_partition
@@ -57,10 +57,13 @@ def _decompositions(lowering: str) -> dict:
 class _Compilation:
     """State of one Dynamo graph's compilation (its id, inputs, pipeline and dumps)."""
 
-    def __init__(self, gm: GraphModule, example_inputs: Sequence[Any], config: MoPConfig) -> None:
-        self.config = config
+    def __init__(self, gm: GraphModule, example_inputs: Sequence[Any], config: MoPConfig,
+                 explicit: Mapping[str, Any] | None = None) -> None:
         self.graph_id = next_graph_id()
         self.inputs: GraphInputs = describe_inputs(gm)
+        if self.inputs.layout_config is not None:  # parameters sharded by mopc.parallelize
+            config = config.with_layout_of(self.inputs.layout_config, explicit or {})
+        self.config = config
         self.lowering = resolve_lowering(config, example_inputs)
         self.pipeline: Pipeline = build_pipeline(config)
         self.writer: DumpWriter | None = None
@@ -117,4 +120,5 @@ def mop(gm: GraphModule, example_inputs: Sequence[Any], options: dict | MoPConfi
             "pass mop's settings as options={...} (fields of mopc.MoPConfig)"
         )
     config = MoPConfig.from_options(options)
-    return _Compilation(gm, example_inputs, config).compile(gm, example_inputs)
+    explicit = dict(options) if isinstance(options, Mapping) else {}
+    return _Compilation(gm, example_inputs, config, explicit).compile(gm, example_inputs)

@@ -51,12 +51,15 @@ class GraphInputs:
     names: tuple[str | None, ...]
     """Per flattened input (AOT's `primals` order): module path, or None for user inputs."""
     trainable: frozenset[str]
+    layout_config: object = None
+    """The MoPConfig that `mopc.parallelize` sharded these parameters with, if it did."""
 
 
 def describe_inputs(gm: GraphModule) -> GraphInputs:
     """Module paths of the graph's inputs, in the order AOTAutograd lifts them."""
     names: list[str | None] = []
     trainable: set[str] = set()
+    layout_config = None
     # AOTAutograd lifts the GraphModule's own parameters and buffers first
     for name, p in gm.named_parameters(remove_duplicate=False):
         names.append(name)
@@ -77,7 +80,8 @@ def describe_inputs(gm: GraphModule) -> GraphInputs:
         names.append(fqn if is_module_state else None)
         if is_module_state and isinstance(example, torch.nn.Parameter) and example.requires_grad:
             trainable.add(fqn)
-    return GraphInputs(tuple(names), frozenset(trainable))
+        layout_config = getattr(example, "_mopc_config", None) or layout_config
+    return GraphInputs(tuple(names), frozenset(trainable), layout_config)
 
 
 def joint_param_fqns(joint: GraphModule, inputs: GraphInputs) -> dict[str, str]:

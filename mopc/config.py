@@ -113,8 +113,28 @@ class MoPConfig:
             values["dump_dir"] = os.fspath(values["dump_dir"])
         return cls(**values)
 
+    def with_layout_of(self, layout: MoPConfig, explicit: Mapping[str, Any]) -> MoPConfig:
+        """This config with the layout fields that `mopc.parallelize` fixed.
+
+        A compile option that contradicts the layout the parameters were sharded with is an
+        error: the shards at rest cannot change under torch.compile.
+        """
+        for name in LAYOUT_FIELDS:
+            if name in explicit and explicit[name] != getattr(layout, name):
+                raise MoPConfigError(
+                    f"mop option {name}={explicit[name]!r} contradicts the layout mopc.parallelize chose "
+                    f"({name}={getattr(layout, name)!r}); drop it from torch.compile's options or pass it "
+                    "to mopc.parallelize"
+                )
+        return MoPConfig.from_options({**dataclasses.asdict(self),
+                                       **{n: getattr(layout, n) for n in LAYOUT_FIELDS}})
+
     def replace(self, **changes: Any) -> MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})
+
+
+LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel")
+"""Fields fixed by `mopc.parallelize` (how parameters are sharded at rest)."""
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -158,4 +178,4 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         raise MoPConfigError(f"mop option {name}={value!r} must be a {hint.__name__}")
 
 
-__all__ = ["MoPConfig", "MoPConfigError"]
+__all__ = ["LAYOUT_FIELDS", "MoPConfig", "MoPConfigError"]

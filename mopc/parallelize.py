@@ -103,6 +103,8 @@ def parallelize(
         shard_module_params(model, dict(plan.layouts), rank=dist.get_rank(), world_mesh=meshes.world,
                             group_name=meshes.world_group, full_value=full_value, device=device)
         _materialize_buffers(model, init_fn, device)
+    for param in model.parameters():  # the backend reads the layout options from its inputs
+        param._mopc_config = config  # type: ignore[attr-defined]
     model.mopc_plan = plan  # type: ignore[assignment]
     log.info("mopc.parallelize: %s", plan.summary().replace("\n", "; "))
     return model

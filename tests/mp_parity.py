@@ -1,12 +1,12 @@
 """Run under torchrun: mopc vs single-device eager on the same global batches.
 
-    torchrun --nproc-per-node W tests/mp_parity.py OUT.json tp=1,tp=2 [steps]
+    torchrun --nproc-per-node W tests/mp_parity.py OUT.json "tp=1;tp=2" [steps]
 
 For each configuration: build `tiny` on meta, `mopc.parallelize` with that rank's slice
 of the global batch, AdamW for `steps` steps through `torch.compile(backend="mop")` with
 gradient clipping, and, in the same process, the single-device eager model on the whole
 global batch. Rank 0 writes losses, final parameter differences, per-rank byte counts
-and gradient-norm agreement to OUT.json.
+and gradient-norm agreement to OUT.json, and the graph dumps to OUT.json.dumps/<config>/.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _local_bytes(tensors) -> int:
     return total
 
 
-def run(options: dict, steps: int) -> dict:
+def run(options: dict, steps: int, dump_dir: str | None) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     ref = build_model("tiny", device="cpu", seed=0)
     model = build_model("tiny", device="meta", seed=0)
@@ -58,7 +58,8 @@ def run(options: dict, steps: int) -> dict:
                     for a, b in zip(_full_params(model).values(), _full_params(ref).values()))
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
-    step_fn = torch.compile(model, backend="mop")
+    compile_options = {"dump_dir": dump_dir} if dump_dir and rank == 0 else {}
+    step_fn = torch.compile(model, backend="mop", options=compile_options)
     losses, ref_losses, norms, ref_norms = [], [], [], []
     for step in range(steps):
         batch = synthetic_batch(step, global_batch, SEQ, vocab)
@@ -107,12 +108,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     results = []
-    for spec in configs.split(";"):
+    for index, spec in enumerate(configs.split(";")):
         options = {}
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
             options[key] = int(value) if value.isdigit() else value == "True" if value in ("True", "False") else value
-        results.append(run(options, steps))
+        results.append(run(options, steps, f"{out}.dumps/{index}"))
         torch._dynamo.reset()
     if dist.get_rank() == 0:
         with open(out, "w") as f:

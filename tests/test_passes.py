@@ -51,11 +51,14 @@ def _ctx(traced, config):
 
 def test_default_pipeline_is_flat_and_ordered():
     pipeline = build_pipeline(MoPConfig())
-    assert pipeline.names == ["classify_roles", "count_costs", "annotate_roles"]
+    assert pipeline.names == ["classify_roles", "count_costs", "annotate_roles", "vocab_parallel_loss",
+                              "gather_params"]
+    with_tp = build_pipeline(MoPConfig(tp=2, vocab_parallel=False))
+    assert with_tp.names == ["classify_roles", "count_costs", "annotate_roles", "tensor_parallel", "gather_params"]
 
 
 def test_requirement_checked_when_built(toy_pass):
-    with pytest.raises(MoPConfigError, match="'relu_to_clamp' requires pass 'annotate_roles', but it is disabled"):
+    with pytest.raises(MoPConfigError, match="'\\w+' requires pass 'annotate_roles', but it is disabled"):
         build_pipeline(MoPConfig(disable_passes=("annotate_roles",)))
 
 

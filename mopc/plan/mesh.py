@@ -100,6 +100,14 @@ def build_meshes(spec: MeshSpec) -> Meshes:
     return _MESHES[key]
 
 
+def find_meshes(world_group: str, tp: int) -> Meshes | None:
+    """The meshes built for a world group and tensor-parallel degree (the graph names the group)."""
+    for meshes in _MESHES.values():
+        if meshes.world_group == world_group and meshes.spec.tp == tp and meshes.default_group is dist.group.WORLD:
+            return meshes
+    return None
+
+
 def rank_device() -> torch.device:
     if device_type() == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
