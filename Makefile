@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# mop vs FSDP2 vs DDP on 4 CPU ranks (gloo), `small` model: memory per rank by category,
+# loss, comm bytes and step time in one table; mop's per-pass graph dumps in mopc_dumps/.
+# The baselines run eagerly here to keep the demo short; the benchmark compiles them.
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/mopc train --model small --steps 6 --dump-dir mopc_dumps
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_dense_parallel.py --model small --nproc 4 \
+		--steps 3 --batch 4 --seq-len 32 --no-compile-baselines --dump-dir mopc_dumps \
+		--out bench_out/dense_parallel_demo.json
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)

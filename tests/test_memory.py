@@ -90,3 +90,19 @@ def test_dtensor_counts_local_shard(fake_world_factory):
 def test_views_of_one_storage_count_once():
     base = torch.zeros(10)
     assert storage_bytes([base, base[2:], base.view(2, 5), None]) == 10 * F32
+
+
+def test_comm_bytes_model():
+    from mopc.runtime.comm import _kind, bytes_sent
+
+    assert _kind("gloo:all_reduce") == "all_reduce"
+    assert _kind("nccl:_allgather_base") == "all_gather"
+    assert _kind("nccl:_reduce_scatter_base") == "reduce_scatter"
+    assert _kind("gloo:all_to_all") == "all_to_all"
+    n, w = 1000, 4
+    assert bytes_sent("all_reduce", n, w) == 2 * n * 3 // 4  # ring: reduce-scatter + all-gather
+    assert bytes_sent("all_gather", n, w) == n * 3  # its shard to each of the others
+    assert bytes_sent("reduce_scatter", n, w) == n * 3 // 4
+    assert bytes_sent("all_to_all", n, w) == n * 3 // 4
+    assert bytes_sent("all_reduce", n, 1) == 0
+    assert bytes_sent("barrier", n, w) == 0

@@ -113,3 +113,23 @@ def test_ddp_two_ranks_matches_eager(tmp_path, monkeypatch):
     assert d_mem["activations_peak"] < e_mem["activations_peak"]
     assert eager["comm_bytes_per_step"] == 0
     assert ddp["comm_bytes_per_step"] >= e_mem["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_mop_and_fsdp2_two_ranks_match_eager(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = ["--model", "tiny", "--steps", "2", "--batch", "4", "--seq-len", "16", "--quiet"]
+    assert main(["train", "--backend", "eager", "--json", str(tmp_path / "eager.json"), *common]) == 0
+    assert main(["train", "--nproc", "2", "--json", str(tmp_path / "mop.json"), *common]) == 0
+    assert main(["train", "--nproc", "2", "--baseline", "fsdp2", "--json", str(tmp_path / "fsdp2.json"),
+                 *common]) == 0
+    eager, mop, fsdp2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "mop", "fsdp2"))
+    assert mop["config"]["runs_as"] == "mop" and fsdp2["config"]["runs_as"] == "aot_eager"
+    for report in (mop, fsdp2):
+        assert report["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+        # both shard parameters, gradients and optimizer state over the 2 ranks
+        for m in report["memory"]["per_rank"]:
+            for key in ("params", "grads", "optimizer"):
+                assert m[key] < 0.6 * eager["memory"]["per_rank"][0][key], (report["config"]["program"], key)
+        assert report["comm_bytes_per_step"] > 0

@@ -41,7 +41,7 @@ __all__ = ["COMM_BYTES_SOURCE", "CommCounter", "CommStats", "count_comm_bytes", 
 COMM_BYTES_SOURCE = ("measured: the flight recorder's record of every collective each ProcessGroup ran, "
                      "bytes sent per rank under ring/pairwise algorithms (mopc/runtime/comm.py)")
 
-_DEFAULT_BUFFER = 200_000
+_DEFAULT_BUFFER = 20_000  # records; a window is one training step
 
 _DTYPE_BYTES = {
     "Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,

@@ -153,6 +153,8 @@ class TrainSettings:
             )
         if self.baseline is not None and self.backend != "mop":
             raise TrainSettingsError(f"--baseline {self.baseline} and --backend {self.backend}: choose one")
+        if self.program != "mop" and "dump_dir" in self.mop_options:
+            log.warning("--dump-dir: %s has no mop graphs to dump; ignored", self.program)
         layout_options = sorted(set(self.mop_options) - {"dump_dir"})
         if self.program != "mop" and layout_options:
             flags = ", ".join("--" + name.replace("_", "-") for name in layout_options)
