@@ -23,7 +23,11 @@ optimal algorithms, from the sizes of the tensors the collective actually ran on
 | barrier | 0 |
 
 Gloo's real algorithms differ in constants, not in these totals' scaling; the table is
-the model the `comm_bytes_source` note in reports refers to.
+the model the `comm_bytes_source` note in reports refers to. Gloo has no native
+reduce-scatter: `ProcessGroupGloo` runs `reduce_scatter_tensor` (functional or not) as an
+all-reduce of the full input, and the recorder names it `all_reduce`, so on gloo
+gradient reduce-scatters (mop's and FSDP2's) count at all-reduce cost. That is what gloo
+sends; NCCL runs a real reduce-scatter at half that.
 """
 
 from __future__ import annotations

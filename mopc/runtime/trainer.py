@@ -175,15 +175,17 @@ class Program:
     build_seconds: float = 0.0
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world). Under torchrun (WORLD_SIZE set) create the gloo default group,
-    with the flight recorder on so collectives can be counted."""
+def init_distributed() -> tuple[int, int, bool]:
+    """(rank, world, created). Under torchrun (WORLD_SIZE set) create the gloo default
+    group, with the flight recorder on so collectives can be counted."""
+    created = False
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         enable_flight_recorder()
         dist.init_process_group("gloo")
+        created = True
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), created
+    return 0, 1, created
 
 
 def _mop_compile_options(settings: TrainSettings, rank: int) -> dict[str, Any]:
@@ -280,8 +282,17 @@ def _steady(values: list[float]) -> list[float]:
 
 def run_training(settings: TrainSettings) -> dict[str, Any]:
     """Run `settings` on this rank; every rank returns the same report (rank 0 writes it)."""
-    rank, world = init_distributed()
-    settings.validate(world)
+    rank, world, created = init_distributed()
+    try:
+        settings.validate(world)
+        return _run(settings, rank, world)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
+    """Build, train and measure on this rank; gather every rank's numbers into one report."""
     torch.manual_seed(settings.seed)
     program = build_program(settings, rank, world)
     optimizer = torch.optim.AdamW(program.module.parameters(), lr=settings.lr)
