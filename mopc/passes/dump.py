@@ -132,7 +132,10 @@ class DumpWriter:
         if note:
             header.append(f"# {note}")
         path.write_text("\n".join(header) + "\n" + format_graph(gm, self.param_fqns, roles))
+        from mopc.passes.analysis.collectives import graph_collectives
+
         self.entries.append({"index": index, "pass": step_name, "kind": kind, "seconds": seconds,
-                             "op_count_diff": diff or {}, "file": path.name, "note": note})
+                             "op_count_diff": diff or {}, "file": path.name, "note": note,
+                             "collectives": [c.as_dict() for c in graph_collectives(gm)]})
         (self.dir / "index.json").write_text(json.dumps(self.entries, indent=2))
         return path

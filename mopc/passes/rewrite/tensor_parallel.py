@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import CheckpointPolicy
 
 from mopc.passes.analysis.graph_utils import is_reduce_grad, is_unshard
 from mopc.passes.registry import register_pass
@@ -143,9 +144,9 @@ def _shape(node_or_val: Any) -> list[int]:
 class _Rewrite:
     """Re-propagates one block on tensor-parallel shapes, then commits the change."""
 
-    def __init__(self, gm: GraphModule, region: _Region, tokens: set[Node], tp: int, tp_rank: int,
-                 tp_group: str, dp_group: str, world_group: str) -> None:
-        self.gm, self.region, self.tokens = gm, region, tokens
+    def __init__(self, gm: GraphModule, region: _Region, tokens: set[Node], forward: set[Node], tp: int,
+                 tp_rank: int, tp_group: str, dp_group: str, world_group: str) -> None:
+        self.gm, self.region, self.tokens, self.forward = gm, region, tokens, forward
         self.tp, self.tp_rank = tp, tp_rank
         self.tp_group, self.dp_group, self.world_group = tp_group, dp_group, world_group
         self.members = set(region.nodes)
@@ -270,9 +271,12 @@ class _Rewrite:
         for src in sorted(self.gathered_inputs, key=order.__getitem__):
             first = min((u for u in src.users if u in self.members), key=order.__getitem__)
             tp, grp = self.tp, self.tp_group
+            # gathered again in backward rather than kept: a rank keeps its own B tokens only
+            regather = {**role, "recompute": CheckpointPolicy.MUST_RECOMPUTE, "ac_graph_id": 0} \
+                if src in self.forward else role
             gathered[src] = insert_traced(
                 graph, lambda x: c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), tp, grp)),
-                [src], before=first, meta=role)
+                [src], before=first, meta=regather)
         # 3. the block's nodes on the new shapes
         for node in self.region.nodes:
             mapping = {**gathered, **replaced}
@@ -324,6 +328,8 @@ class _Rewrite:
         anchor = min(other, key=lambda n: list(graph.nodes).index(n))
         if node in self.partial:
             fn = lambda x: c10d.wait_tensor(c10d.reduce_scatter_tensor(x.contiguous(), "sum", tp, grp))  # noqa: E731
+            if node in self.forward:  # never recompute a collective to save its small output
+                role = {**role, "recompute": CheckpointPolicy.MUST_SAVE, "ac_graph_id": 0}
         elif node in self.tokens:
             fn = lambda x: x.chunk(tp)[rank].contiguous()  # noqa: E731
         else:
@@ -375,6 +381,18 @@ def _regions(gm: GraphModule) -> list[_Region]:
             continue  # views of a reduced gradient (the DTensor wrapper)
         key = (role, node.meta.get("mopc_layer"))
         by_key.setdefault(key, _Region(*key)).nodes.append(node)
+    for region in by_key.values():  # views and sums of the block's own outputs (the gradient
+        members = set(region.nodes)  # branches of its input) join it: one reduce-scatter, not one each
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node in members:
+                continue
+            ins = [a for a in node.args if isinstance(a, Node)]
+            if (node.target in _VIEWS and ins and ins[0] in members) or (
+                    node.target in _ADDS and len(ins) == 2 and all(a in members for a in ins)):
+                region.nodes.append(node)
+                members.add(node)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        region.nodes.sort(key=order.__getitem__)
     return list(by_key.values())
 
 
@@ -384,7 +402,7 @@ def _meshes_for(world_group: str, tp: int):
     return find_meshes(world_group, tp)
 
 
-@register_pass(kind="rewrite", requires=("annotate_roles",), enabled=lambda c: c.tp > 1,
+@register_pass(kind="rewrite", requires=("classify_roles", "annotate_roles"), enabled=lambda c: c.tp > 1,
                options_from_config=lambda c: {"tp": c.tp})
 def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:  # noqa: ANN001
     """Run attention and dense MLP blocks on local heads/columns over the tensor-parallel group.
@@ -415,9 +433,12 @@ def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:  # noqa: A
     tp_rank = dist.get_rank(_resolve_process_group(meshes.tp_group))
     params = {n.args[0] for n in unshards} | {a for n in unshards for a in n.args[0].all_input_nodes}
     tokens = _token_nodes(gm, {p for p in params if p.op == "placeholder"})
+    forward_names = ctx.result("classify_roles").forward_nodes
+    forward = {n for n in gm.graph.nodes if n.name in forward_names}
     done, kept = [], []
     for region in _regions(gm):
-        rewrite = _Rewrite(gm, region, tokens, tp, tp_rank, meshes.tp_group, meshes.dp_group, world_group)
+        rewrite = _Rewrite(gm, region, tokens, forward, tp, tp_rank, meshes.tp_group, meshes.dp_group,
+                           world_group)
         try:
             rewrite.propagate()
             rewrite._outputs()

@@ -1,0 +1,95 @@
+"""The collectives of a graph, as a table: kind, group, sizes, bytes, role, layer, pass.
+
+Read from the graph (what the compiled program *will* run), so it works on fake process
+groups at any world size; the measured counterpart for real runs is
+`mopc.runtime.comm` (the flight recorder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+_KINDS = {
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_reduce": "all_reduce",
+    "all_to_all_single": "all_to_all",
+    "broadcast": "broadcast",
+}
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One functional collective of a graph."""
+
+    kind: str
+    group: str
+    group_size: int
+    numel_in: int
+    numel_out: int
+    bytes_in: int
+    bytes_out: int
+    role: str
+    layer: int | None
+    created_by: str
+    node: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _kind(node: Node) -> str | None:
+    if node.op != "call_function":
+        return None
+    name = str(node.target)
+    if not name.startswith("_c10d_functional."):
+        return None
+    return _KINDS.get(name.split(".")[1])
+
+
+def _group_size(node: Node, kind: str) -> int:
+    if kind in ("all_gather", "reduce_scatter"):
+        return int(node.args[-2])
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        return _resolve_process_group(node.args[-1]).size()
+    except Exception:  # noqa: BLE001 - the group may be gone when a dump is read later
+        return -1
+
+
+def graph_collectives(gm: GraphModule) -> list[Collective]:
+    """Every `_c10d_functional` collective of `gm` in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        kind = _kind(node)
+        if kind is None:
+            continue
+        src = node.args[0]
+        val_in = src.meta.get("val") if isinstance(src, Node) else None
+        val_out = node.meta.get("val")
+        numel_in = val_in.numel() if isinstance(val_in, torch.Tensor) else 0
+        numel_out = val_out.numel() if isinstance(val_out, torch.Tensor) else 0
+        size = val_out.element_size() if isinstance(val_out, torch.Tensor) else 0
+        out.append(Collective(
+            kind=kind, group=str(node.args[-1]), group_size=_group_size(node, kind),
+            numel_in=int(numel_in), numel_out=int(numel_out), bytes_in=int(numel_in * size),
+            bytes_out=int(numel_out * size), role=node.meta.get("mopc_role", "other"),
+            layer=node.meta.get("mopc_layer"), created_by=node.meta.get("mopc_created_by", "capture"),
+            node=node.name,
+        ))
+    return out
+
+
+def summarize(collectives: list[Collective]) -> dict[str, dict[str, int]]:
+    """Per kind: how many and how many bytes in (this rank's input)."""
+    table: dict[str, dict[str, int]] = {}
+    for c in collectives:
+        row = table.setdefault(c.kind, {"count": 0, "bytes_in": 0})
+        row["count"] += 1
+        row["bytes_in"] += c.bytes_in
+    return table

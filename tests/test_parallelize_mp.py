@@ -1,0 +1,61 @@
+"""mopc on real gloo ranks vs single-device eager: losses, parameters, bytes per rank.
+
+Each case is one `torchrun` launch of tests/mp_parity.py (tiny model, 5 AdamW steps with
+gradient clipping, each rank feeding its slice of the same global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def _torchrun(world: int, configs: str, out: Path, steps: int = 5) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--standalone",
+           str(HERE / "mp_parity.py"), str(out), configs, str(steps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def _dump_text(out: Path, index: int, name: str) -> str:
+    graphs = sorted((Path(f"{out}.dumps") / str(index)).iterdir())
+    return "".join(p.read_text() for g in graphs for p in g.glob(f"*_{name}.txt"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "configs"), [(2, "tp=1;tp=2"), (4, "tp=2")], ids=["world2", "world4"])
+def test_mop_trains_like_single_device_eager(tmp_path, world, configs):
+    out = tmp_path / "parity.json"
+    results = _torchrun(world, configs, out)
+    for index, r in enumerate(results):
+        name = f"world {world} {r['options']}"
+        assert r["init_diff"] == 0.0, name
+        for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
+            assert abs(ours - ref) <= 1e-5 * abs(ref), (name, r["losses"], r["ref_losses"])
+        for ours, ref in zip(r["grad_norms"], r["ref_grad_norms"], strict=True):
+            assert abs(ours - ref) <= 1e-5 * abs(ref), (name, "clip_grad_norm_ sees the global norm")
+        assert r["param_diff"] <= 1e-5, (name, r["param_diff"])
+        full = r["full_param_bytes"]
+        for rank in r["per_rank_bytes"]:
+            assert rank["params"] <= full / world * 1.05, (name, rank)
+            assert rank["grads"] <= full / world * 1.05, (name, rank)
+            assert rank["optimizer"] <= 2 * full / world * 1.05, (name, rank)
+        # state_dict() holds the shards (plus the 2 x 8 replicated expert_bias buffers)
+        assert r["state_dict_local_numel"] * 4 == r["per_rank_bytes"][0]["params"] + 16 * 4
+        forward = _dump_text(out, index, "forward")
+        assert "by=gather_params" in forward and "by=vocab_parallel_loss" in forward
+        if r["options"].get("tp") == 2:
+            assert "by=tensor_parallel" in forward
+            # attention on the tp group's 2 x 2 sequences and 8 / 2 = 4 local heads
+            sdpa = [line for line in forward.splitlines() if "= aten._scaled_dot_product_flash_attention_for_cpu(" in line]
+            assert len(sdpa) == 3 and all(": (f32[4, 4, 16, 8], f32[4, 4, 16])" in line for line in sdpa), sdpa
