@@ -19,8 +19,11 @@ install: $(STAMP)
 # mop vs FSDP2 vs DDP on 4 CPU ranks (gloo), `small` model: memory per rank by category,
 # loss, comm bytes and step time in one table; mop's per-pass graph dumps in mopc_dumps/.
 # The baselines run eagerly here to keep the demo short; the benchmark compiles them.
+# 5-7 minutes on 2 cores (mop's first step compiles; gloo moves ~1 GB per rank
+# per step); `make demo DEMO_MODEL=tiny` takes 2-3.
+DEMO_MODEL ?= small
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_dense_parallel.py --model small --nproc 4 \
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_dense_parallel.py --model $(DEMO_MODEL) --nproc 4 \
 		--steps 3 --batch 4 --seq-len 32 --no-compile-baselines --dump-dir mopc_dumps \
 		--out bench_out/dense_parallel_demo.json
 
