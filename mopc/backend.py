@@ -62,7 +62,7 @@ class _Compilation:
         self.graph_id = next_graph_id()
         self.inputs: GraphInputs = describe_inputs(gm)
         if self.inputs.layout_config is not None:  # parameters sharded by mopc.parallelize
-            config = config.with_layout_of(self.inputs.layout_config, explicit or {})
+            config = MoPConfig.under_parallelize(self.inputs.layout_config, explicit or {})
         self.config = config
         self.lowering = resolve_lowering(config, example_inputs)
         self.pipeline: Pipeline = build_pipeline(config)

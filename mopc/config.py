@@ -113,21 +113,21 @@ class MoPConfig:
             values["dump_dir"] = os.fspath(values["dump_dir"])
         return cls(**values)
 
-    def with_layout_of(self, layout: MoPConfig, explicit: Mapping[str, Any]) -> MoPConfig:
-        """This config with the layout fields that `mopc.parallelize` fixed.
+    @staticmethod
+    def under_parallelize(base: MoPConfig, explicit: Mapping[str, Any]) -> MoPConfig:
+        """The options `mopc.parallelize` was given, updated by torch.compile's `explicit` ones.
 
-        A compile option that contradicts the layout the parameters were sharded with is an
-        error: the shards at rest cannot change under torch.compile.
+        A compile option that contradicts a layout field (how the parameters are sharded at
+        rest) is an error: the shards cannot change under torch.compile.
         """
         for name in LAYOUT_FIELDS:
-            if name in explicit and explicit[name] != getattr(layout, name):
+            if name in explicit and explicit[name] != getattr(base, name):
                 raise MoPConfigError(
                     f"mop option {name}={explicit[name]!r} contradicts the layout mopc.parallelize chose "
-                    f"({name}={getattr(layout, name)!r}); drop it from torch.compile's options or pass it "
+                    f"({name}={getattr(base, name)!r}); drop it from torch.compile's options or pass it "
                     "to mopc.parallelize"
                 )
-        return MoPConfig.from_options({**dataclasses.asdict(self),
-                                       **{n: getattr(layout, n) for n in LAYOUT_FIELDS}})
+        return MoPConfig.from_options({**dataclasses.asdict(base), **explicit})
 
     def replace(self, **changes: Any) -> MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})

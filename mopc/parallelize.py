@@ -42,6 +42,15 @@ def _fake_inputs(example_inputs: tuple | dict) -> tuple | dict:
     return tuple(to_meta(x) for x in example_inputs)
 
 
+def _tokens_per_rank(example_inputs: tuple | dict) -> int | None:
+    """Tokens in this rank's batch: the elements of the first integer input (token ids)."""
+    values = example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs
+    for value in values:
+        if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() >= 1:
+            return value.numel()
+    return None
+
+
 def _param_roles(model: nn.Module, example_inputs: tuple | dict, loss_fn: Callable | None) -> dict[str, str]:
     from mopc.analysis import analyze
 
@@ -90,7 +99,7 @@ def parallelize(
             "(for mopc's models: mopc.models.make_init_fn(model, seed))"
         )
     param_roles = _param_roles(model, example_inputs, loss_fn)
-    plan = make_plan(model, param_roles, spec, config)  # raises on shapes the mesh cannot split
+    plan = make_plan(model, param_roles, spec, config, _tokens_per_rank(example_inputs))  # raises first
     meshes = build_meshes(spec)
     device = rank_device()
 

@@ -188,3 +188,30 @@ def test_compile_options_cannot_change_the_layout(fake_world_factory):
     with pytest.raises(Exception, match="tp=1 contradicts the layout mopc.parallelize chose"):
         step(**_local(world, 0))
     assert dist.is_initialized()
+
+
+@pytest.mark.parametrize(("tokens", "tensor_parallel"), [(32, True), (1024, False)])
+def test_auto_plan_keeps_blocks_whose_tokens_cost_more_than_their_weights(tokens, tensor_parallel):
+    from mopc.analysis import analyze
+    from mopc.config import MoPConfig
+    from mopc.plan.layout import make_plan
+    from mopc.plan.mesh import MeshSpec
+
+    model, _ = _meta_tiny()
+    roles = analyze(model, {k: v.to("meta") for k, v in _local(1, 0).items()}).param_roles
+    plan = make_plan(model, roles, MeshSpec(world_size=8, dp=4, tp=2), MoPConfig(tp=2, plan="auto"), tokens)
+    chunked = {fqn for fqn, lay in plan.layouts.items() if lay.kind == "tp"}
+    attention_and_mlp = {f for f, r in roles.items() if r in ("attention", "dense_mlp")}
+    assert chunked == (attention_and_mlp if tensor_parallel else set())
+    assert len(plan.notes) == 4 and all(("tensor parallel" in n) == tensor_parallel for n in plan.notes)
+    manual = make_plan(model, roles, MeshSpec(world_size=8, dp=4, tp=2), MoPConfig(tp=2), tokens)
+    assert {f for f, lay in manual.layouts.items() if lay.kind == "tp"} == attention_and_mlp
+
+
+def test_bucket_mb_zero_gives_one_collective_per_parameter(tmp_path, fake_world_factory):
+    world = fake_world_factory(8, 2)
+    fwd, bwd, plan = _compile_and_read_dumps(tmp_path, world, 2, bucket_mb=0.0)
+    gathered = [f for f, lay in plan.layouts.items() if lay.kind != "vocab"]
+    assert len([c for c in fwd["collectives"] if c["created_by"] == "gather_params"]) == len(gathered)
+    assert len([c for c in bwd["collectives"]
+                if c["created_by"] == "gather_params" and c["kind"] == "reduce_scatter"]) == len(gathered)

@@ -44,6 +44,8 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs):
             assert abs(ours - ref) <= 1e-5 * abs(ref), (name, r["losses"], r["ref_losses"])
         for ours, ref in zip(r["grad_norms"], r["ref_grad_norms"], strict=True):
             assert abs(ours - ref) <= 1e-5 * abs(ref), (name, "clip_grad_norm_ sees the global norm")
+        # gradients of the first step, per tensor relative to its largest element
+        assert r["first_step_grad_rel_diff"] <= 1e-5, (name, r["first_step_grad_rel_diff"])
         assert r["param_diff"] <= 1e-5, (name, r["param_diff"])
         full = r["full_param_bytes"]
         for rank in r["per_rank_bytes"]:

@@ -111,13 +111,53 @@ def check_dims(dims: ModelDims, spec: MeshSpec, config: MoPConfig) -> None:
         )
 
 
+def _block_of(fqn: str, role: str) -> tuple[str, str]:
+    """(block path, role): `layers.3.attention.wq.weight` -> (`layers.3.attention`, attention)."""
+    parts = fqn.split(".")
+    return ".".join(parts[:-2]) if len(parts) > 2 else fqn, role
+
+
+def tp_worth_it(weight_bytes: int, token_bytes: int, spec: MeshSpec) -> tuple[bool, int, int]:
+    """Whether a block moves fewer bytes per rank under tensor parallelism than ZeRO-3.
+
+    ZeRO-3 over all W ranks: gather the weights in forward and again in backward, reduce-
+    scatter the gradient: 3 x weight_bytes x (W-1)/W. Tensor parallel of degree T over
+    D = W/T data-parallel ranks: the same for the 1/T weight chunk over D ranks, plus five
+    token collectives of the block's activations (forward gather and reduce-scatter; backward
+    gather of the gradient, re-gather of the input, reduce-scatter): 5 x token_bytes x (T-1).
+    """
+    w, t, d = spec.world_size, spec.tp, spec.dp
+    reference = 3 * weight_bytes * (w - 1) // w
+    tensor_parallel = 3 * (weight_bytes // t) * (d - 1) // d + 5 * token_bytes * (t - 1)
+    return tensor_parallel < reference, reference, tensor_parallel
+
+
 def make_plan(model: torch.nn.Module, param_roles: Mapping[str, str], spec: MeshSpec,
-              config: MoPConfig) -> Plan:
-    """A layout for every parameter (after `check_dims`)."""
+              config: MoPConfig, tokens_per_rank: int | None = None) -> Plan:
+    """A layout for every parameter (after `check_dims`).
+
+    With `plan="auto"`, a block stays on the reference layout when tensor parallelism would
+    move more bytes per rank (`tp_worth_it`, from `tokens_per_rank` of the example batch).
+    """
     dims = ModelDims.of(model)
     check_dims(dims, spec, config)
     layouts: dict[str, ParamLayout] = {}
     notes: list[str] = []
+    skip_blocks: set[tuple[str, str]] = set()
+    if config.plan == "auto" and spec.tp > 1 and tokens_per_rank and dims.hidden_size:
+        block_bytes: dict[tuple[str, str], int] = {}
+        for fqn, param in model.named_parameters():
+            role = param_roles.get(fqn, "other")
+            if _tp_dim(fqn, role) is not None:
+                key = _block_of(fqn, role)
+                block_bytes[key] = block_bytes.get(key, 0) + param.numel() * param.element_size()
+        token_bytes = tokens_per_rank * dims.hidden_size * 4
+        for key, nbytes in sorted(block_bytes.items()):
+            worth, ref, tp_bytes = tp_worth_it(nbytes, token_bytes, spec)
+            if not worth:
+                skip_blocks.add(key)
+            notes.append(f"{key[0]}: {'tensor parallel' if worth else 'reference (ZeRO-3)'} "
+                         f"(moves {tp_bytes:,} vs {ref:,} bytes per rank)")
     seen: dict[int, str] = {}
     for fqn, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:
@@ -126,7 +166,7 @@ def make_plan(model: torch.nn.Module, param_roles: Mapping[str, str], spec: Mesh
         role = param_roles.get(fqn, "other")
         shape = tuple(param.shape)
         layout = ParamLayout(fqn=fqn, shape=shape, world_size=spec.world_size)
-        tp_dim = _tp_dim(fqn, role) if spec.tp > 1 else None
+        tp_dim = _tp_dim(fqn, role) if spec.tp > 1 and _block_of(fqn, role) not in skip_blocks else None
         if role == "vocab_projection" and config.vocab_parallel and len(shape) == 2:
             if shape[0] % spec.world_size == 0:
                 layout = ParamLayout(fqn=fqn, shape=shape, chunk_dim=0, num_chunks=spec.world_size,

@@ -396,6 +396,10 @@ def _regions(gm: GraphModule) -> list[_Region]:
     return list(by_key.values())
 
 
+def _is_chunked(node: Node, tp: int) -> bool:
+    return is_unshard(node) and node.args[3] == tp and node.args[3] > 1
+
+
 def _meshes_for(world_group: str, tp: int):
     from mopc.plan.mesh import find_meshes
 
@@ -437,6 +441,8 @@ def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:  # noqa: A
     forward = {n for n in gm.graph.nodes if n.name in forward_names}
     done, kept = [], []
     for region in _regions(gm):
+        if not any(_is_chunked(u, tp) for n in region.nodes for u in n.all_input_nodes):
+            continue  # the plan kept this block on the reference layout (or it has no weights)
         rewrite = _Rewrite(gm, region, tokens, forward, tp, tp_rank, meshes.tp_group, meshes.dp_group,
                            world_group)
         try:
