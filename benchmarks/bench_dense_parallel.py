@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-CONFIGS = ("mop", "fsdp2", "ddp")
+CONFIGS = ("mop", "mop_tp2", "fsdp2", "ddp")  # mop_tp2: mop with --tp 2 (tensor-parallel attention/MLP)
+DEFAULT_CONFIGS = ("mop", "fsdp2", "ddp")
 MEMORY_ROWS = (("params", "params"), ("grads", "grads"), ("optimizer", "optimizer"),
                ("activations (peak)", "activations_peak"), ("peak", "peak"), ("peak RSS", "peak_rss"))
 
@@ -40,8 +41,8 @@ def run_config(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, 
     cmd = [sys.executable, "-m", "mopc", "train", "--nproc", str(args.nproc), "--model", args.model,
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
            "--seed", str(args.seed), "--lr", str(args.lr), "--json", str(json_path)]
-    if name == "mop":
-        cmd += shlex.split(args.mop_flags)
+    if name.startswith("mop"):
+        cmd += shlex.split(args.mop_flags) + (["--tp", "2"] if name == "mop_tp2" else [])
         if args.dump_dir:
             cmd += ["--dump-dir", args.dump_dir]
     else:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma list of mop, fsdp2, ddp")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--mop-flags", default="", help="extra `mopc train` flags for the mop run, e.g. '--tp 2'")
     p.add_argument("--compile-baselines", default=True, action=argparse.BooleanOptionalAction,
                    help="compile FSDP2 and DDP with aot_eager (default) or run them eagerly")

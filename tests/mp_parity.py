@@ -1,6 +1,6 @@
 """Run under torchrun: mopc vs single-device eager on the same global batches.
 
-    torchrun --nproc-per-node W tests/mp_parity.py OUT.json "tp=1;tp=2" [steps]
+    torchrun --nproc-per-node W tests/mp_parity.py OUT.json "tp=1;tp=2" [steps] [per_rank_batch]
 
 For each configuration: build `tiny` on meta, `mopc.parallelize` with that rank's slice
 of the global batch, AdamW for `steps` steps through `torch.compile(backend="mop")` with
@@ -24,7 +24,8 @@ from mopc.runtime.trainer import synthetic_batch
 # Adam divides by sqrt(v): an element whose gradient is at fp32 rounding level moves by up to
 # lr either way, so parameter agreement after N steps is bounded by about N * lr * (rounding
 # noise); 1e-4 keeps that well under 1e-5 while the loss still falls.
-SEQ, PER_RANK, LR = 16, 2, 1e-4
+SEQ, LR = 16, 1e-4
+PER_RANK = int(sys.argv[4]) if len(sys.argv) > 4 else 2
 
 
 def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

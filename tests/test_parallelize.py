@@ -215,3 +215,21 @@ def test_bucket_mb_zero_gives_one_collective_per_parameter(tmp_path, fake_world_
     assert len([c for c in fwd["collectives"] if c["created_by"] == "gather_params"]) == len(gathered)
     assert len([c for c in bwd["collectives"]
                 if c["created_by"] == "gather_params" and c["kind"] == "reduce_scatter"]) == len(gathered)
+
+
+def test_block_the_rewrite_cannot_express_keeps_the_reference_layout(tmp_path, fake_world_factory, caplog):
+    """A biased output projection would add its bias on every tensor-parallel rank: that
+    block falls back to the gathered weights (with a warning), the others stay parallel."""
+    world = fake_world_factory(8, 1)
+    model, init_fn = _meta_tiny()
+    with torch.device("meta"):
+        model.layers[0].attention.wo = torch.nn.Linear(64, 64, bias=True)
+    model = mopc.parallelize(model, _local(world, 1), init_fn=init_fn, tp=2)
+    step = torch.compile(model, backend="mop", options={"dump_dir": str(tmp_path)})
+    with caplog.at_level("WARNING", logger="mopc.passes"):
+        step(**_local(world, 1)).backward()
+    assert any("kept the reference layout for attention@0" in r.getMessage() for r in caplog.records)
+    index = json.loads(next(tmp_path.iterdir()).joinpath("index.json").read_text())
+    fwd = next(e for e in index if e["pass"] == "forward")["collectives"]
+    tp_blocks = {(c["role"], c["layer"]) for c in fwd if c["created_by"] == "tensor_parallel"}
+    assert tp_blocks == {("attention", 1), ("attention", 2), ("dense_mlp", 0)}

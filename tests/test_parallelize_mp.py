@@ -17,10 +17,10 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def _torchrun(world: int, configs: str, out: Path, steps: int = 5) -> list[dict]:
+def _torchrun(world: int, configs: str, out: Path, per_rank: int, steps: int = 5) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--standalone",
-           str(HERE / "mp_parity.py"), str(out), configs, str(steps)]
+           str(HERE / "mp_parity.py"), str(out), configs, str(steps), str(per_rank)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
@@ -33,10 +33,11 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "configs"), [(2, "tp=1;tp=2"), (4, "tp=2")], ids=["world2", "world4"])
-def test_mop_trains_like_single_device_eager(tmp_path, world, configs):
+@pytest.mark.parametrize(("world", "configs", "per_rank"), [(2, "tp=1;tp=2", 2), (4, "tp=2", 1)],
+                         ids=["world2", "world4-one-sequence-per-rank"])
+def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank):
     out = tmp_path / "parity.json"
-    results = _torchrun(world, configs, out)
+    results = _torchrun(world, configs, out, per_rank)
     for index, r in enumerate(results):
         name = f"world {world} {r['options']}"
         assert r["init_diff"] == 0.0, name
@@ -58,6 +59,7 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs):
         assert "by=gather_params" in forward and "by=vocab_parallel_loss" in forward
         if r["options"].get("tp") == 2:
             assert "by=tensor_parallel" in forward
-            # attention on the tp group's 2 x 2 sequences and 8 / 2 = 4 local heads
+            # attention on the tp group's 2 x per_rank sequences and 8 / 2 = 4 local heads
             sdpa = [line for line in forward.splitlines() if "= aten._scaled_dot_product_flash_attention_for_cpu(" in line]
-            assert len(sdpa) == 3 and all(": (f32[4, 4, 16, 8], f32[4, 4, 16])" in line for line in sdpa), sdpa
+            shapes = f": (f32[{2 * per_rank}, 4, 16, 8], f32[{2 * per_rank}, 4, 16])"
+            assert len(sdpa) == 3 and all(shapes in line for line in sdpa), sdpa

@@ -59,6 +59,25 @@ _DIM_OPS = frozenset({
     aten.select.int, aten.index_select.default, aten.cat.default, aten.unbind.int,
 })
 _ADDS = frozenset({aten.add.Tensor, aten.sub.Tensor})
+# Ops a block may contain (by packet): elementwise math and shape ops act per element, so
+# they follow the new shapes; reductions and softmaxes are checked for the dims they reduce.
+_ELEMENTWISE = frozenset(getattr(aten, name) for name in (
+    "add", "sub", "mul", "div", "neg", "exp", "log", "pow", "rsqrt", "sqrt", "reciprocal", "silu",
+    "silu_backward", "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "gelu", "gelu_backward", "relu",
+    "threshold_backward", "where", "clone", "_to_copy", "detach", "alias", "contiguous", "fill", "zeros_like",
+    "ones_like", "full_like", "empty_like", "scalar_tensor", "abs", "sign", "erf", "square", "lift_fresh_copy",
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
+    "split", "split_with_sizes", "slice", "narrow", "select", "cat", "unbind", "mm", "bmm", "addmm",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+    "repeat_interleave", "index_select",
+) if hasattr(aten, name))
+_REDUCTIONS = frozenset(getattr(aten, name) for name in (
+    "sum", "mean", "amax", "amin", "_softmax", "_log_softmax", "_softmax_backward_data",
+    "_log_softmax_backward_data", "var_mean", "var",
+) if hasattr(aten, name))
 
 
 class _Unsupported(Exception):
@@ -105,7 +124,13 @@ def _view_groups(old_in: list[int], old_out: list[int]) -> list[tuple[list[int],
 
 
 def _new_view_shape(old_in: list[int], new_in: list[int], old_out: list[int]) -> list[int]:
-    """Apply each input group's size ratio to the outermost output dim that can take it."""
+    """Apply each input group's size ratio to the output dim that carries it.
+
+    Growth is the tensor-parallel group's tokens, stacked on the outermost (batch) dim:
+    it goes to the group's first output dim, even one of size 1 (a batch of one sequence).
+    Shrinkage is the split heads or columns: it goes to the group's outermost output dim
+    that is not 1 and divides.
+    """
     new_out = list(old_out)
     for gi, gj in _view_groups(old_in, old_out):
         old_p = _prod(old_in[k] for k in gi)
@@ -113,6 +138,11 @@ def _new_view_shape(old_in: list[int], new_in: list[int], old_out: list[int]) ->
         if old_p == new_p:
             continue
         ratio = Fraction(new_p, old_p)
+        if ratio > 1:
+            if new_in[gi[0]] == old_in[gi[0]] or not gj:
+                raise _Unsupported(f"view {old_in} -> {old_out}: the grown dim is not the outermost")
+            new_out[gj[0]] = int(old_out[gj[0]] * ratio)
+            continue
         for k in gj:
             scaled = old_out[k] * ratio
             if old_out[k] != 1 and scaled.denominator == 1:
@@ -224,9 +254,32 @@ class _Rewrite:
             raise _Unsupported(f"{node.target} takes sizes {flat_ints}; no rule to resize them")
         return args
 
+    def _reduced_dims_shrink(self, node: Node) -> bool:
+        """Whether a reduction or softmax runs over a dim that tensor parallelism shrank."""
+        src = node.args[0]
+        old, new = _shape(src), _shape(self._input_val(src))
+        if not old:
+            return False
+        pos = 2 if "backward_data" in str(node.target) else 1
+        dims = node.args[pos] if len(node.args) > pos else list(range(len(old)))
+        dims = [dims] if isinstance(dims, int) else list(dims) or list(range(len(old)))
+        return any(new[d % len(old)] < old[d % len(old)] for d in dims)
+
     def _track_partial(self, node: Node) -> None:
+        packet = getattr(node.target, "overloadpacket", node.target)
+        if node.target is not operator.getitem and packet not in _ELEMENTWISE | _REDUCTIONS:
+            raise _Unsupported(f"{node.target} has no tensor-parallel rule")
         ins = [a for a in node.all_input_nodes]
         partial_ins = [a for a in ins if a in self.partial]
+        if node.target is aten.addmm.default:  # bias + a @ b: the sum must not be partial
+            old_k, new_k = _shape(node.args[1])[-1], _shape(self._input_val(node.args[1]))[-1]
+            if partial_ins or new_k < old_k:
+                raise _Unsupported("a biased matrix multiply over split columns (bias added on every rank)")
+            return
+        if packet in _REDUCTIONS and node.target is not aten.sum.dim_IntList:
+            if partial_ins or self._reduced_dims_shrink(node):
+                raise _Unsupported(f"{node.target} reduces over a split dim or a partial sum")
+            return
         if node.target in _MATMULS:
             a = node.args[0]
             old_k = _shape(a)[-1]
@@ -243,9 +296,12 @@ class _Rewrite:
                 if any(new[d] < old[d] for d in dims):
                     self.partial.add(node)
             return
-        if node.target in _ADDS and len(partial_ins) == len([a for a in node.args if isinstance(a, Node)]):
+        tensor_args = [a for a in node.args if isinstance(a, Node)]
+        if node.target in _ADDS and len(node.args) == 2 and len(partial_ins) == len(tensor_args) == 2:
+            self.partial.add(node)  # partial + partial; partial + anything else adds it T times
+        elif node.target is aten.div.Tensor and node.args[0] in self.partial and node.args[1] not in self.partial:
             self.partial.add(node)
-        elif node.target in _LINEAR and len(partial_ins) == 1:
+        elif node.target in _LINEAR and node.target is not aten.div.Tensor and len(partial_ins) == 1:
             self.partial.add(node)
         elif node.target is operator.getitem:
             self.partial.add(node)
@@ -307,9 +363,16 @@ class _Rewrite:
                 if is_reduce_grad(r):
                     if r.args[2] != self.tp or r.args[3] != self.world_group:
                         raise _Unsupported("the gradient of a parameter that is not chunked leaves the block")
+                    if node in self.partial:
+                        raise _Unsupported(f"the gradient {node.name} of a chunk is a partial sum")
                 elif node not in self.partial and node not in self.tokens:
                     if _shape(self.new_val[node]) != _shape(node):
                         raise _Unsupported(f"{node.name} leaves the block with a changed shape")
+                else:  # back to this rank's tokens: only the batch dim may have grown, by T
+                    old, new = _shape(node), _shape(self.new_val[node])
+                    if not old or new != [old[0] * self.tp, *old[1:]]:
+                        raise _Unsupported(f"{node.name} leaves the block as {new}, not the tp group's "
+                                           f"tokens stacked on {old}")
         return outputs
 
     def _emit_output(self, node: Node, readers: list[Node], role: dict) -> None:
