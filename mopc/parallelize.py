@@ -36,7 +36,7 @@ InitFn = Callable[[str, torch.Tensor], torch.Tensor]
 
 def _fake_inputs(example_inputs: tuple | dict) -> tuple | dict:
     """Example inputs as meta tensors: planning never needs values."""
-    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x  # noqa: E731
+    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x
     if isinstance(example_inputs, Mapping):
         return {k: to_meta(v) for k, v in example_inputs.items()}
     return tuple(to_meta(x) for x in example_inputs)

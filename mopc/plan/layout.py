@@ -13,8 +13,9 @@ Shapes are checked against the mesh here, before anything is allocated.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

@@ -20,7 +20,7 @@ functional collectives that other passes can bucket, overlap or replace.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,6 @@ __all__ = [
     "local_shard",
     "reduce_grad_op",
     "shard_module_params",
-    "sharded_param_names",
     "unshard_op",
 ]
 
@@ -195,10 +194,6 @@ def _sharded_class(cls: type, names: tuple[str, ...], props: dict[str, property]
     return type(f"Sharded{cls.__name__}", (cls,), {"_mopc_sharded": names, **props})
 
 
-def sharded_param_names(module: nn.Module) -> tuple[str, ...]:
-    return getattr(type(module), "_mopc_sharded", ())
-
-
 def shard_module_params(
     model: nn.Module,
     layouts: dict[str, ParamLayout],
@@ -226,7 +221,7 @@ def shard_module_params(
             fqn = f"{mod_name}.{name}" if mod_name else name
             key = id(param)
             if key not in done:
-                layout = _layout_for(fqn, param, layouts)
+                layout = layouts.get(fqn)
                 if layout is None:
                     continue
                 full = full_value(fqn, param)
@@ -245,14 +240,3 @@ def shard_module_params(
         module.__class__ = _sharded_class(type(module), tuple(params), props)
         for name, (new, _) in params.items():
             module._parameters[name] = new
-
-
-def _layout_for(fqn: str, param: torch.Tensor, layouts: dict[str, ParamLayout]) -> ParamLayout | None:
-    return layouts.get(fqn)
-
-
-def iter_layouts(model: nn.Module) -> Iterable[tuple[str, ParamLayout]]:
-    for fqn, param in model.named_parameters():
-        layout = getattr(param, "_mopc_layout", None)
-        if layout is not None:
-            yield fqn, layout

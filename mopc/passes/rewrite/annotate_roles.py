@@ -8,7 +8,7 @@ from mopc.passes.registry import register_pass
 
 
 @register_pass(kind="rewrite", requires=("classify_roles",))
-def annotate_roles(gm: GraphModule, ctx) -> GraphModule:  # noqa: ANN001 - PassContext
+def annotate_roles(gm: GraphModule, ctx) -> GraphModule:
     """Record each node's role and layer in `meta["mopc_role"]` / `meta["mopc_layer"]`.
 
     Algorithm:

@@ -131,7 +131,7 @@ def _sink_grad_views(graph: torch.fx.Graph, reduces: list[Node]) -> None:
     options_from_config=lambda c: {"bucket_bytes": int(c.bucket_mb * 2**20),
                                    "reshard_after_forward": c.reshard_after_forward},
 )
-def gather_params(gm: GraphModule, ctx, *, bucket_bytes: int, reshard_after_forward: bool) -> GraphModule:  # noqa: ANN001
+def gather_params(gm: GraphModule, ctx, *, bucket_bytes: int, reshard_after_forward: bool) -> GraphModule:
     """Lower `mopc::unshard` / `mopc::reduce_grad` into bucketed all-gathers and reduce-scatters.
 
     Algorithm:

@@ -220,7 +220,7 @@ class _Rewrite:
             self._track_partial(node)
             try:
                 out = node.target(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - any failure means: keep the reference
+            except Exception as err:
                 raise _Unsupported(f"{node.format_node()} fails on tensor-parallel shapes: {err}") from err
             self.new_val[node] = out
             self.new_args[node] = args
@@ -299,11 +299,7 @@ class _Rewrite:
         tensor_args = [a for a in node.args if isinstance(a, Node)]
         if node.target in _ADDS and len(node.args) == 2 and len(partial_ins) == len(tensor_args) == 2:
             self.partial.add(node)  # partial + partial; partial + anything else adds it T times
-        elif node.target is aten.div.Tensor and node.args[0] in self.partial and node.args[1] not in self.partial:
-            self.partial.add(node)
-        elif node.target in _LINEAR and node.target is not aten.div.Tensor and len(partial_ins) == 1:
-            self.partial.add(node)
-        elif node.target is operator.getitem:
+        elif node.target is aten.div.Tensor and node.args[0] in self.partial and node.args[1] not in self.partial or node.target in _LINEAR and node.target is not aten.div.Tensor and len(partial_ins) == 1 or node.target is operator.getitem:
             self.partial.add(node)
         else:
             raise _Unsupported(f"{node.target} combines a partial sum non-linearly")
@@ -324,20 +320,26 @@ class _Rewrite:
             replaced[unshard] = new
         # 2. tokens of the tensor-parallel group, gathered once per input
         gathered: dict[Node, Node] = {}
+        tp, grp = self.tp, self.tp_group
+
+        def gather_tokens(x: torch.Tensor) -> torch.Tensor:
+            return c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), tp, grp))
+
         for src in sorted(self.gathered_inputs, key=order.__getitem__):
             first = min((u for u in src.users if u in self.members), key=order.__getitem__)
-            tp, grp = self.tp, self.tp_group
             # gathered again in backward rather than kept: a rank keeps its own B tokens only
             regather = {**role, "recompute": CheckpointPolicy.MUST_RECOMPUTE, "ac_graph_id": 0} \
                 if src in self.forward else role
-            gathered[src] = insert_traced(
-                graph, lambda x: c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), tp, grp)),
-                [src], before=first, meta=regather)
+            gathered[src] = insert_traced(graph, gather_tokens, [src], before=first, meta=regather)
         # 3. the block's nodes on the new shapes
+        mapping = {**gathered, **replaced}
+
+        def remap(a: Any) -> Any:
+            return mapping.get(a, a) if isinstance(a, Node) else a
+
         for node in self.region.nodes:
-            mapping = {**gathered, **replaced}
-            node.args = tree_map(lambda a: mapping.get(a, a) if isinstance(a, Node) else a, self.new_args_nodes(node))
-            node.kwargs = tree_map(lambda a: mapping.get(a, a) if isinstance(a, Node) else a, node.kwargs)
+            node.args = tree_map(remap, self.new_args_nodes(node))
+            node.kwargs = tree_map(remap, node.kwargs)
             node.meta["val"] = self.new_val[node]
         for unshard, new in replaced.items():
             for user in list(unshard.users):
@@ -380,21 +382,25 @@ class _Rewrite:
         tp, grp, rank = self.tp, self.tp_group, self.tp_rank
         grad_readers = [r for r in readers if is_reduce_grad(r)]
         other = [r for r in readers if not is_reduce_grad(r)]
-        for r in grad_readers:  # this rank's chunk gradient: T*B tokens' worth, data-parallel mean
-            dp_group = self.dp_group
-            shard = insert_traced(graph, lambda g: torch.ops.mopc.reduce_grad(g / tp, 0, 1, dp_group),
-                                  [node], before=r, meta=role)
+        dp_group = self.dp_group
+
+        def reduce_chunk_grad(g: torch.Tensor) -> torch.Tensor:
+            # this rank's chunk gradient sums T*B tokens' losses; the dp mean divides by D only
+            return torch.ops.mopc.reduce_grad(g / tp, 0, 1, dp_group)
+
+        for r in grad_readers:
+            shard = insert_traced(graph, reduce_chunk_grad, [node], before=r, meta=role)
             r.replace_all_uses_with(shard)
             graph.erase_node(r)
         if not other:
             return
         anchor = min(other, key=lambda n: list(graph.nodes).index(n))
         if node in self.partial:
-            fn = lambda x: c10d.wait_tensor(c10d.reduce_scatter_tensor(x.contiguous(), "sum", tp, grp))  # noqa: E731
+            fn = lambda x: c10d.wait_tensor(c10d.reduce_scatter_tensor(x.contiguous(), "sum", tp, grp))
             if node in self.forward:  # never recompute a collective to save its small output
                 role = {**role, "recompute": CheckpointPolicy.MUST_SAVE, "ac_graph_id": 0}
         elif node in self.tokens:
-            fn = lambda x: x.chunk(tp)[rank].contiguous()  # noqa: E731
+            fn = lambda x: x.chunk(tp)[rank].contiguous()
         else:
             return
         local = insert_traced(graph, fn, [node], before=anchor, meta=role)
@@ -471,7 +477,7 @@ def _meshes_for(world_group: str, tp: int):
 
 @register_pass(kind="rewrite", requires=("classify_roles", "annotate_roles"), enabled=lambda c: c.tp > 1,
                options_from_config=lambda c: {"tp": c.tp})
-def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:  # noqa: ANN001
+def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:
     """Run attention and dense MLP blocks on local heads/columns over the tensor-parallel group.
 
     Algorithm:

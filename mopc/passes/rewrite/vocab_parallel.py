@@ -29,7 +29,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from mopc.passes.analysis.graph_utils import (
-    MATMUL_OPS, is_op, is_reduce_grad, is_unshard, view_source,
+    MATMUL_OPS,
+    is_op,
+    is_reduce_grad,
+    is_unshard,
+    view_source,
 )
 from mopc.passes.registry import register_pass
 from mopc.passes.rewrite.splice import insert_traced
@@ -205,7 +209,7 @@ def _backward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ig
     enabled=lambda c: c.vocab_parallel,
     options_from_config=lambda c: {"chunk_tokens": c.loss_chunk_tokens},
 )
-def vocab_parallel_loss(gm: GraphModule, ctx, *, chunk_tokens: int) -> GraphModule:  # noqa: ANN001
+def vocab_parallel_loss(gm: GraphModule, ctx, *, chunk_tokens: int) -> GraphModule:
     """Compute the vocabulary projection and cross-entropy on this rank's vocabulary rows.
 
     Algorithm:
