@@ -12,17 +12,22 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-from functorch.compile import default_partition, make_boxed_func, min_cut_rematerialization_partition
+from functorch.compile import (
+    default_partition,
+    make_boxed_func,
+    min_cut_rematerialization_partition,
+)
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch.fx import GraphModule
 
 from mopc.capture import GraphInputs, describe_inputs, joint_param_fqns, next_graph_id
 from mopc.config import MoPConfig, MoPConfigError
 from mopc.passes.dump import DumpWriter
-from mopc.passes.pipeline import Pipeline, PassContext, build_pipeline
+from mopc.passes.pipeline import PassContext, Pipeline, build_pipeline
 
 log = logging.getLogger("mopc")
 
@@ -63,6 +68,8 @@ class _Compilation:
         self.inputs: GraphInputs = describe_inputs(gm)
         if self.inputs.layout_config is not None:  # parameters sharded by mopc.parallelize
             config = MoPConfig.under_parallelize(self.inputs.layout_config, explicit or {})
+        else:
+            config.check_no_layout(explicit or {})
         self.config = config
         self.lowering = resolve_lowering(config, example_inputs)
         self.pipeline: Pipeline = build_pipeline(config)
@@ -120,5 +127,5 @@ def mop(gm: GraphModule, example_inputs: Sequence[Any], options: dict | MoPConfi
             "pass mop's settings as options={...} (fields of mopc.MoPConfig)"
         )
     config = MoPConfig.from_options(options)
-    explicit = dict(options) if isinstance(options, Mapping) else {}
+    explicit = dict(options) if isinstance(options, Mapping) else config.non_default_fields()
     return _Compilation(gm, example_inputs, config, explicit).compile(gm, example_inputs)

@@ -11,8 +11,9 @@ import dataclasses
 import difflib
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 
 class MoPConfigError(ValueError):
@@ -128,6 +129,22 @@ class MoPConfig:
                     "to mopc.parallelize"
                 )
         return MoPConfig.from_options({**dataclasses.asdict(base), **explicit})
+
+    def check_no_layout(self, explicit: Mapping[str, Any]) -> None:
+        """Layout options on a model `mopc.parallelize` did not shard would do nothing: refuse."""
+        given = [n for n in LAYOUT_FIELDS if n in explicit and explicit[n] != getattr(MoPConfig(), n)]
+        if given:
+            listed = ", ".join(f"{n}={explicit[n]!r}" for n in given)
+            raise MoPConfigError(
+                f"mop option(s) {listed} decide how parameters are sharded, but this model was not "
+                f"parallelized; call mopc.parallelize(model, example_inputs, {listed}) before torch.compile"
+            )
+
+    def non_default_fields(self) -> dict[str, Any]:
+        """The fields set to something other than their default (what a user chose)."""
+        default = MoPConfig()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
 
     def replace(self, **changes: Any) -> MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})

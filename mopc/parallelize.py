@@ -92,21 +92,27 @@ def parallelize(
         raise MoPConfigError("mopc.parallelize: this model is already parallelized (it has a mopc_plan)")
     ensure_process_group()
     spec = MeshSpec.from_config(config, dist.get_world_size())
-    has_meta = any(p.is_meta for p in model.parameters())
+    has_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     if has_meta and init_fn is None:
         raise ValueError(
             "mopc.parallelize: the model is on the meta device; pass init_fn=(fqn, tensor) -> values "
             "(for mopc's models: mopc.models.make_init_fn(model, seed))"
         )
+    config = config.replace(dp=spec.dp)  # resolved, so torch.compile(options={"dp": ...}) can agree
     param_roles = _param_roles(model, example_inputs, loss_fn)
     plan = make_plan(model, param_roles, spec, config, _tokens_per_rank(example_inputs))  # raises first
     meshes = build_meshes(spec)
     device = rank_device()
 
     def full_value(fqn: str, param: torch.Tensor) -> torch.Tensor:
-        if param.is_meta:
-            return init_fn(fqn, param)  # type: ignore[misc]
-        return param.detach()
+        if not param.is_meta:
+            return param.detach()
+        values = init_fn(fqn, param)  # type: ignore[misc]
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != tuple(param.shape):
+            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"mopc.parallelize: init_fn returned {got} for {fqn}; expected a tensor of shape "
+                             f"{tuple(param.shape)}")
+        return values
 
     with torch.no_grad():
         shard_module_params(model, dict(plan.layouts), rank=dist.get_rank(), world_mesh=meshes.world,

@@ -112,6 +112,28 @@ def test_bad_layouts_fail_before_anything_is_allocated(fake_world_factory, world
     assert getattr(model, "mopc_plan", None) is None
 
 
+def test_split_mlp_dim_not_divisible_by_tp_fails_before_allocating(fake_world_factory):
+    import dataclasses
+
+    from mopc.models import PRESETS, MoETransformer
+
+    fake_world_factory(8, 0)
+    with torch.device("meta"):
+        model = MoETransformer(dataclasses.replace(PRESETS["tiny"], dense_inter_dim=66))
+    with pytest.raises(MoPConfigError, match=r"tp=4 does not divide dim 0 \(66\) of layers.0.feed_forward.w1.weight, "
+                                             r"the dense_mlp dim tensor parallelism splits .*choose tp from \[1, 2\]"):
+        mopc.parallelize(model, _local(8, 0), init_fn=make_init_fn(model, 0), tp=4)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_layout_options_without_parallelize_are_refused():
+    model = build_model("tiny", seed=0)
+    step = torch.compile(model, backend="mop", options={"tp": 2})
+    with pytest.raises(Exception, match=r"tp=2 decide how parameters are sharded, but this model was not "
+                                        r"parallelized; call mopc.parallelize"):
+        step(**_local(1, 0))
+
+
 def test_meta_model_without_init_fn_is_refused(fake_world_factory):
     fake_world_factory(2, 0)
     model, _ = _meta_tiny()
@@ -233,3 +255,42 @@ def test_block_the_rewrite_cannot_express_keeps_the_reference_layout(tmp_path, f
     fwd = next(e for e in index if e["pass"] == "forward")["collectives"]
     tp_blocks = {(c["role"], c["layer"]) for c in fwd if c["created_by"] == "tensor_parallel"}
     assert tp_blocks == {("attention", 1), ("attention", 2), ("dense_mlp", 0)}
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
+def test_one_process_without_torchrun_trains_and_infers_like_eager(tie_embeddings):
+    """No process group: parallelize makes a one-rank gloo group; training, clipping and a
+    no_grad call match eager (tied embeddings: the table is gathered, vocab-parallel skipped)."""
+    import dataclasses
+
+    from mopc.models import PRESETS, MoETransformer, init_weights
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    config = dataclasses.replace(PRESETS["tiny"], tie_embeddings=tie_embeddings)
+    ref = MoETransformer(config)
+    init_weights(ref, 0)
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    try:
+        model = mopc.parallelize(model, _local(1, 0), init_fn=make_init_fn(model, 0))
+        assert dist.get_world_size() == 1
+        opt, ref_opt = torch.optim.AdamW(model.parameters(), lr=1e-3), torch.optim.AdamW(ref.parameters(), lr=1e-3)
+        step = torch.compile(model, backend="mop")
+        for i in range(3):
+            batch = synthetic_batch(i, 2, SEQ, 128)
+            loss, ref_loss = step(**batch), ref(**batch)
+            loss.backward()
+            ref_loss.backward()
+            assert abs(loss.item() - ref_loss.item()) <= 1e-5 * ref_loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+            assert abs(norm.full_tensor().item() - ref_norm.item()) <= 1e-5 * ref_norm.item()
+            opt.step(), ref_opt.step()
+            opt.zero_grad(), ref_opt.zero_grad()
+        with torch.no_grad():
+            batch = synthetic_batch(9, 2, SEQ, 128)
+            assert abs(step(**batch).item() - ref(**batch).item()) <= 1e-5 * ref(**batch).item()
+        assert (model.output.weight - ref.output.weight).abs().max().item() <= 1e-5
+    finally:
+        dist.destroy_process_group()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -96,8 +95,7 @@ def check_dims(dims: ModelDims, spec: MeshSpec, config: MoPConfig) -> None:
     """Errors name the option, the model size and the fix."""
     tp = spec.tp
     if tp > 1:
-        for name, value in (("attention heads", dims.num_heads), ("key/value heads", dims.num_kv_heads),
-                            ("hidden size", dims.hidden_size)):
+        for name, value in (("attention heads", dims.num_heads), ("key/value heads", dims.num_kv_heads)):
             if value is not None and value % tp:
                 ok = [d for d in range(1, value + 1) if value % d == 0 and spec.world_size % d == 0]
                 raise MoPConfigError(
@@ -152,7 +150,8 @@ def make_plan(model: torch.nn.Module, param_roles: Mapping[str, str], spec: Mesh
             if _tp_dim(fqn, role) is not None:
                 key = _block_of(fqn, role)
                 block_bytes[key] = block_bytes.get(key, 0) + param.numel() * param.element_size()
-        token_bytes = tokens_per_rank * dims.hidden_size * 4
+        element = next(model.parameters()).element_size()  # activations in the parameters' dtype
+        token_bytes = tokens_per_rank * dims.hidden_size * element
         for key, nbytes in sorted(block_bytes.items()):
             worth, ref, tp_bytes = tp_worth_it(nbytes, token_bytes, spec)
             if not worth:
@@ -174,15 +173,17 @@ def make_plan(model: torch.nn.Module, param_roles: Mapping[str, str], spec: Mesh
                                      world_size=spec.world_size, kind="vocab")
             else:
                 notes.append(f"{fqn}: {shape[0]} rows not divisible by {spec.world_size}; kept ZeRO-3")
-        elif tp_dim is not None and shape[tp_dim] % spec.tp == 0:
+        elif tp_dim is not None:
+            if shape[tp_dim] % spec.tp:
+                size = shape[tp_dim]
+                ok = [d for d in range(1, size + 1) if size % d == 0 and spec.world_size % d == 0]
+                raise MoPConfigError(
+                    f"mop option tp={spec.tp} does not divide dim {tp_dim} ({size}) of {fqn}, the {role} "
+                    f"dim tensor parallelism splits (its hidden size); choose tp from {ok}, or "
+                    "plan='auto' / tp=1"
+                )
             layout = ParamLayout(fqn=fqn, shape=shape, chunk_dim=tp_dim, num_chunks=spec.tp,
                                  world_size=spec.world_size, kind="tp")
         layout.validate()
         layouts[fqn] = layout
     return Plan(spec=spec, config=config, layouts=layouts, param_roles=dict(param_roles), notes=tuple(notes))
-
-
-def describe(plan: Plan) -> dict[str, Any]:
-    return {fqn: {"kind": lay.kind, "shape": list(lay.shape), "chunk_dim": lay.chunk_dim,
-                  "num_chunks": lay.num_chunks, "piece_numel": lay.piece_numel}
-            for fqn, lay in plan.layouts.items()}

@@ -43,10 +43,6 @@ class MeshSpec:
             )
         return MeshSpec(world_size=world_size, dp=dp, tp=tp)
 
-    def coords(self, rank: int) -> tuple[int, int]:
-        """(dp index, tp index) of a world rank."""
-        return rank // self.tp, rank % self.tp
-
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -98,6 +94,21 @@ def build_meshes(spec: MeshSpec) -> Meshes:
             default_group=dist.group.WORLD,
         )
     return _MESHES[key]
+
+
+def resolve_group(name: str) -> dist.ProcessGroup:
+    """The process group a functional collective names (`group_name`)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def group_size(name: str) -> int:
+    return resolve_group(name).size()
+
+
+def group_rank(name: str) -> int:
+    return dist.get_rank(resolve_group(name))
 
 
 def find_meshes(world_group: str, tp: int) -> Meshes | None:

@@ -8,10 +8,13 @@ and split into equal *pieces* over the remaining ranks. World rank `r` holds pie
 row-major order (the tensor-parallel rank varies fastest).
 
 The parameter stays a leaf the optimizer sees: an `nn.Parameter` wrapping a `DTensor`
-sharded over a 1-D world mesh (global shape `[world * piece_numel]`), so
-`clip_grad_norm_`, `state_dict()` and Distributed Checkpoint work on the shards. The
+sharded over a 1-D world mesh (global shape `[world * piece_numel]`, in the padded,
+chunk-permuted order above), so `clip_grad_norm_`, `state_dict()` and Distributed
+Checkpoint work on the shards; a checkpoint saved this way loads back at the same world
+size and layout (resharding to another layout is the checkpoint issue's work). The
 module's attribute (`linear.weight`) is turned into a property returning
-`mopc::unshard(shard)`, the full parameter. That op is the *reference program*'s
+`mopc::unshard(shard)`, the full parameter. Eagerly, reading that attribute is a
+collective: every rank must read it, or the readers wait for the others. That op is the *reference program*'s
 all-gather: eagerly it gathers for real; in a `mop`-compiled graph the `gather_params`
 pass lowers it (and its backward `mopc::reduce_grad`, a mean reduce-scatter) into
 functional collectives that other passes can bucket, overlap or replace.
@@ -28,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mopc.plan.mesh import resolve_group
+
 __all__ = [
     "ParamLayout",
     "full_to_gathered",
@@ -37,12 +42,6 @@ __all__ = [
     "shard_module_params",
     "unshard_op",
 ]
-
-
-def _resolve_group(name: str) -> dist.ProcessGroup:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(name)
 
 
 @dataclass(frozen=True)
@@ -70,12 +69,6 @@ class ParamLayout:
     def piece_numel(self) -> int:
         return -(-self.chunk_numel // self.num_pieces)
 
-    @property
-    def chunk_shape(self) -> tuple[int, ...]:
-        shape = list(self.shape)
-        shape[self.chunk_dim] //= self.num_chunks
-        return tuple(shape)
-
     def validate(self) -> None:
         if self.world_size % self.num_chunks:
             raise ValueError(f"{self.fqn}: {self.num_chunks} chunks do not divide world size {self.world_size}")
@@ -87,8 +80,8 @@ class ParamLayout:
 
 
 # ------------------------------------------------------------------------ layout math
-# Written with view ops only, so the same functions serve the eager ops, their fake
-# kernels and the graph rewrite (which traces them).
+# Plain torch ops (reshape, movedim, pad), so the same functions serve the eager ops and
+# the graph rewrite, which traces them.
 
 
 def gathered_to_full(gathered: torch.Tensor, shape: list[int], chunk_dim: int, num_chunks: int,
@@ -134,11 +127,11 @@ def local_shard(full: torch.Tensor, layout: ParamLayout, rank: int) -> torch.Ten
 @torch.library.custom_op("mopc::unshard", mutates_args=())
 def unshard_op(shard: torch.Tensor, shape: list[int], chunk_dim: int, num_chunks: int, group_name: str) -> torch.Tensor:
     """All-gather this rank's piece over `group_name` (the world) into the full parameter."""
-    group = _resolve_group(group_name)
+    group = resolve_group(group_name)
     world = group.size()
     gathered = shard.new_empty(shard.numel() * world)
     dist.all_gather_into_tensor(gathered, shard.contiguous(), group=group)
-    return gathered_to_full(gathered, shape, chunk_dim, num_chunks, world).clone()
+    return gathered_to_full(gathered, shape, chunk_dim, num_chunks, world)
 
 
 @unshard_op.register_fake
@@ -149,7 +142,7 @@ def _unshard_fake(shard, shape, chunk_dim, num_chunks, group_name):
 @torch.library.custom_op("mopc::reduce_grad", mutates_args=())
 def reduce_grad_op(grad: torch.Tensor, chunk_dim: int, num_chunks: int, group_name: str) -> torch.Tensor:
     """Mean over the world of the full gradient, this rank's piece of it (reduce-scatter)."""
-    group = _resolve_group(group_name)
+    group = resolve_group(group_name)
     world = group.size()
     gathered = full_to_gathered(grad, chunk_dim, num_chunks, world).contiguous()
     out = grad.new_empty(gathered.numel() // world)
@@ -159,7 +152,7 @@ def reduce_grad_op(grad: torch.Tensor, chunk_dim: int, num_chunks: int, group_na
 
 @reduce_grad_op.register_fake
 def _reduce_grad_fake(grad, chunk_dim, num_chunks, group_name):
-    world = _resolve_group(group_name).size()
+    world = resolve_group(group_name).size()
     chunk_numel = grad.numel() // num_chunks
     num_pieces = world // num_chunks
     return grad.new_empty(-(-chunk_numel // num_pieces))
@@ -179,19 +172,26 @@ torch.library.register_autograd("mopc::unshard", _unshard_backward, setup_contex
 
 # ------------------------------------------------------------------------ modules
 
-def _gather_property(name: str, layout: ParamLayout, group_name: str) -> property:
-    shape = list(layout.shape)
-
+def _gather_property(name: str) -> property:
     def fget(self: nn.Module) -> torch.Tensor:
+        shape, chunk_dim, num_chunks, group_name = self._mopc_gather[name]
         local = self._parameters[name].to_local()  # every shard is a DTensor parameter
-        return torch.ops.mopc.unshard(local, shape, layout.chunk_dim, layout.num_chunks, group_name)
+        return torch.ops.mopc.unshard(local, shape, chunk_dim, num_chunks, group_name)
 
     return property(fget)
 
 
-def _sharded_class(cls: type, names: tuple[str, ...], props: dict[str, property]) -> type:
-    # one subclass per module: its properties close over that module's layouts
-    return type(f"Sharded{cls.__name__}", (cls,), {"_mopc_sharded": names, **props})
+_SHARDED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _sharded_class(cls: type, names: tuple[str, ...]) -> type:
+    """One subclass per (module class, sharded names): the layouts live on the instances, so
+    every block of a model keeps one class (and Dynamo one type guard for all of them)."""
+    key = (cls, names)
+    if key not in _SHARDED_CLASSES:
+        props = {name: _gather_property(name) for name in names}
+        _SHARDED_CLASSES[key] = type(f"Sharded{cls.__name__}", (cls,), {"_mopc_sharded": names, **props})
+    return _SHARDED_CLASSES[key]
 
 
 def shard_module_params(
@@ -234,9 +234,10 @@ def shard_module_params(
             new = done[key]
             per_module.setdefault(module, {})[name] = (new, new._mopc_layout)  # type: ignore[attr-defined]
     for module, params in per_module.items():
-        props = {name: _gather_property(name, layout, group_name) for name, (_, layout) in params.items()}
-        for name, (new, _) in params.items():
+        for name in params:
             del module._parameters[name]
-        module.__class__ = _sharded_class(type(module), tuple(params), props)
+        module.__class__ = _sharded_class(type(module), tuple(sorted(params)))
+        module._mopc_gather = {name: (list(layout.shape), layout.chunk_dim, layout.num_chunks, group_name)
+                               for name, (_, layout) in params.items()}
         for name, (new, _) in params.items():
             module._parameters[name] = new

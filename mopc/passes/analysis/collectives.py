@@ -54,10 +54,10 @@ def _kind(node: Node) -> str | None:
 def _group_size(node: Node, kind: str) -> int:
     if kind in ("all_gather", "reduce_scatter"):
         return int(node.args[-2])
-    from torch.distributed.distributed_c10d import _resolve_process_group
+    from mopc.plan.mesh import group_size
 
     try:
-        return _resolve_process_group(node.args[-1]).size()
+        return group_size(node.args[-1])
     except Exception:  # noqa: BLE001 - the group may be gone when a dump is read later
         return -1
 
@@ -83,13 +83,3 @@ def graph_collectives(gm: GraphModule) -> list[Collective]:
             node=node.name,
         ))
     return out
-
-
-def summarize(collectives: list[Collective]) -> dict[str, dict[str, int]]:
-    """Per kind: how many and how many bytes in (this rank's input)."""
-    table: dict[str, dict[str, int]] = {}
-    for c in collectives:
-        row = table.setdefault(c.kind, {"count": 0, "bytes_in": 0})
-        row["count"] += 1
-        row["bytes_in"] += c.bytes_in
-    return table

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from mopc.passes.analysis.graph_utils import is_reduce_grad, is_unshard
 from mopc.passes.registry import register_pass
 from mopc.passes.rewrite.splice import insert_traced
+from mopc.plan.mesh import group_size
 from mopc.runtime.ownership import full_to_gathered, gathered_to_full
 
 c10d = torch.ops._c10d_functional
@@ -29,12 +30,6 @@ c10d = torch.ops._c10d_functional
 class _Bucket:
     nodes: list[Node] = field(default_factory=list)
     nbytes: int = 0
-
-
-def _group_size(group_name: str) -> int:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(group_name).size()
 
 
 def _piece_numel(node: Node) -> int:
@@ -58,7 +53,8 @@ def _buckets(nodes: list[Node], order: dict[Node, int], bucket_bytes: int) -> li
         return (n.meta.get("mopc_layer"), n.meta["val"].dtype, group)
 
     for node in nodes:
-        nbytes = node.meta["val"].numel() * node.meta["val"].element_size()
+        full = node.meta["val"] if is_unshard(node) else node.args[0].meta["val"]  # gathered size either way
+        nbytes = full.numel() * full.element_size()
         fits = cur.nodes and key(cur.nodes[0]) == key(node) and cur.nbytes + nbytes <= bucket_bytes
         if fits and is_reduce_grad(node):  # the collective goes where the last member was
             fits = all(order[u] > order[node] for m in cur.nodes for u in m.users)
@@ -152,10 +148,9 @@ def gather_params(gm: GraphModule, ctx, *, bucket_bytes: int, reshard_after_forw
     order = {n: i for i, n in enumerate(graph.nodes)}
     reduces = [n for n in graph.nodes if is_reduce_grad(n)]
     _sink_grad_views(graph, reduces)
-    limit = max(bucket_bytes, 1) if bucket_bytes else 0
-    for members in _buckets(unshards, order, limit):
+    for members in _buckets(unshards, order, bucket_bytes):
         group = members[0].args[4]
-        world = _group_size(group)
+        world = group_size(group)
         tags = {"mopc_role": members[0].meta.get("mopc_role", "other"),
                 "mopc_layer": members[0].meta.get("mopc_layer")}
         if reshard_after_forward:
@@ -166,9 +161,9 @@ def gather_params(gm: GraphModule, ctx, *, bucket_bytes: int, reshard_after_forw
             member.replace_all_uses_with(full)
             graph.erase_node(member)
     order = {n: i for i, n in enumerate(graph.nodes)}  # after the gathers went in
-    for members in _buckets(reduces, order, limit):
+    for members in _buckets(reduces, order, bucket_bytes):
         group = members[-1].args[3]
-        world = _group_size(group)
+        world = group_size(group)
         tags = {"mopc_role": members[-1].meta.get("mopc_role", "other"),
                 "mopc_layer": members[-1].meta.get("mopc_layer")}
         shards = insert_traced(graph, _reduce_bucket(members, world, group), [m.args[0] for m in members],

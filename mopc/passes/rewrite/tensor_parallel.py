@@ -24,6 +24,7 @@ partial sum, dynamic shapes) keeps the reference layout, with a log line saying 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -32,12 +33,13 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
 from mopc.passes.analysis.graph_utils import is_reduce_grad, is_unshard
 from mopc.passes.registry import register_pass
 from mopc.passes.rewrite.splice import insert_traced
+from mopc.plan.mesh import find_meshes, group_rank
 
 log = logging.getLogger("mopc.passes")
 aten = torch.ops.aten
@@ -61,7 +63,7 @@ _DIM_OPS = frozenset({
 _ADDS = frozenset({aten.add.Tensor, aten.sub.Tensor})
 # Ops a block may contain (by packet): elementwise math and shape ops act per element, so
 # they follow the new shapes; reductions and softmaxes are checked for the dims they reduce.
-_ELEMENTWISE = frozenset(getattr(aten, name) for name in (
+_ALLOWED_OPS = frozenset(getattr(aten, name) for name in (
     "add", "sub", "mul", "div", "neg", "exp", "log", "pow", "rsqrt", "sqrt", "reciprocal", "silu",
     "silu_backward", "sigmoid", "sigmoid_backward", "tanh", "tanh_backward", "gelu", "gelu_backward", "relu",
     "threshold_backward", "where", "clone", "_to_copy", "detach", "alias", "contiguous", "fill", "zeros_like",
@@ -213,6 +215,13 @@ class _Rewrite:
 
     # -- propagation --------------------------------------------------------------------
     def propagate(self) -> None:
+        from torch._guards import detect_fake_mode
+
+        fake_mode = detect_fake_mode([n.meta.get("val") for n in self.region.nodes])
+        with fake_mode or contextlib.nullcontext():
+            self._propagate()
+
+    def _propagate(self) -> None:
         for node in self.region.nodes:
             args = tree_map(lambda a: self._input_val(a) if isinstance(a, Node) else a, node.args)
             kwargs = tree_map(lambda a: self._input_val(a) if isinstance(a, Node) else a, node.kwargs)
@@ -238,8 +247,8 @@ class _Rewrite:
             old_in, new_in, old_out = _shape(node.args[0]), _shape(args[0]), _shape(node)
             lead = len(old_out) - len(old_in)
             new_out = list(old_out)
-            for k in range(len(old_in)):
-                if old_in[k] != 1:
+            for k in range(len(old_in)):  # a broadcast dim of size 1 stays broadcast, unless it grew
+                if old_in[k] != 1 or new_in[k] != old_in[k]:
                     new_out[lead + k] = new_in[k]
             return (args[0], new_out, *args[2:])
         if node.target in _DIM_OPS:
@@ -249,28 +258,31 @@ class _Rewrite:
             new_first = args[0][0] if node.target is aten.cat.default else args[0]
             if isinstance(dim, int) and _shape(first)[dim] != _shape(new_first)[dim]:
                 raise _Unsupported(f"{node.target} along a dim that tensor parallelism splits")
-        flat_ints = [a for a in node.args if isinstance(a, (list, tuple)) and a and all(isinstance(x, int) for x in a)]
+        flat_ints = [a for a in node.args if isinstance(a, (list, tuple)) and a and all(type(x) is int for x in a)]
         if flat_ints and node.target not in _LINEAR and not _is_dim_list(node):
             raise _Unsupported(f"{node.target} takes sizes {flat_ints}; no rule to resize them")
         return args
 
     def _reduced_dims_shrink(self, node: Node) -> bool:
-        """Whether a reduction or softmax runs over a dim that tensor parallelism shrank."""
+        """Whether a reduction or softmax runs over a dim that tensor parallelism changed:
+        a split one (heads) or the grown one (it would mix the tp group's tokens)."""
         src = node.args[0]
         old, new = _shape(src), _shape(self._input_val(src))
         if not old:
             return False
         pos = 2 if "backward_data" in str(node.target) else 1
         dims = node.args[pos] if len(node.args) > pos else list(range(len(old)))
+        if dims is None:
+            dims = list(range(len(old)))
         dims = [dims] if isinstance(dims, int) else list(dims) or list(range(len(old)))
-        return any(new[d % len(old)] < old[d % len(old)] for d in dims)
+        return any(new[d % len(old)] != old[d % len(old)] for d in dims)
 
     def _track_partial(self, node: Node) -> None:
         packet = getattr(node.target, "overloadpacket", node.target)
-        if node.target is not operator.getitem and packet not in _ELEMENTWISE | _REDUCTIONS:
+        if node.target is not operator.getitem and packet not in _ALLOWED_OPS | _REDUCTIONS:
             raise _Unsupported(f"{node.target} has no tensor-parallel rule")
-        ins = [a for a in node.all_input_nodes]
-        partial_ins = [a for a in ins if a in self.partial]
+        # with repeats: mul(p, p) reads the partial sum twice, which is not linear
+        partial_ins = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, Node) and a in self.partial]
         if node.target is aten.addmm.default:  # bias + a @ b: the sum must not be partial
             old_k, new_k = _shape(node.args[1])[-1], _shape(self._input_val(node.args[1]))[-1]
             if partial_ins or new_k < old_k:
@@ -309,7 +321,7 @@ class _Rewrite:
         graph = self.gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         role = {"mopc_role": self.region.role, "mopc_layer": self.region.layer}
-        outputs = self._outputs()
+        outputs = self.outputs()
         # 1. this rank's weight chunks, gathered over the data-parallel ranks only
         replaced: dict[Node, Node] = {}
         for unshard, chunk in self.chunks.items():
@@ -354,7 +366,8 @@ class _Rewrite:
         old, new = node.args, self.new_args[node]
         return tuple(o if isinstance(o, Node) or _has_node(o) else n for o, n in zip(old, new))
 
-    def _outputs(self) -> dict[Node, list[Node]]:
+    def outputs(self) -> dict[Node, list[Node]]:
+        """Nodes read outside the block, with their readers; raises when one cannot leave."""
         outputs: dict[Node, list[Node]] = {}
         for node in self.region.nodes:
             readers = [u for u in node.users if u not in self.members]
@@ -394,7 +407,8 @@ class _Rewrite:
             graph.erase_node(r)
         if not other:
             return
-        anchor = min(other, key=lambda n: list(graph.nodes).index(n))
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        anchor = min(other, key=order.__getitem__)
         if node in self.partial:
             fn = lambda x: c10d.wait_tensor(c10d.reduce_scatter_tensor(x.contiguous(), "sum", tp, grp))
             if node in self.forward:  # never recompute a collective to save its small output
@@ -415,19 +429,19 @@ def _has_node(value: Any) -> bool:
 
 
 def _is_dim_list(node: Node) -> bool:
-    # ops whose int lists are dims or split sizes along an unsharded dim, not shapes
+    # ops whose int lists are dims or split sizes along an unsplit dim, not shapes
     return node.target in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.split.Tensor,
-                           aten.permute.default, aten.cat.default, aten.squeeze.dims,
-                           aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+                           aten.permute.default, aten.cat.default, aten.squeeze.dims)
 
 
-def _token_nodes(gm: GraphModule, param_placeholders: set[Node]) -> set[Node]:
-    """Nodes whose values depend on this rank's tokens (user inputs or the loss gradient)."""
+def _token_nodes(gm: GraphModule, module_state: set[Node]) -> set[Node]:
+    """Nodes whose values depend on this rank's tokens (user inputs or the loss gradient);
+    parameters and buffers (RoPE tables, masks) are the same on every rank."""
     out: set[Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             val = node.meta.get("val")
-            if node not in param_placeholders and isinstance(val, torch.Tensor) and (
+            if node not in module_state and isinstance(val, torch.Tensor) and (
                     val.dim() >= 1 or node.name.startswith("tangents")):
                 out.add(node)
         elif any(a in out for a in node.all_input_nodes) and not is_unshard(node):
@@ -469,12 +483,6 @@ def _is_chunked(node: Node, tp: int) -> bool:
     return is_unshard(node) and node.args[3] == tp and node.args[3] > 1
 
 
-def _meshes_for(world_group: str, tp: int):
-    from mopc.plan.mesh import find_meshes
-
-    return find_meshes(world_group, tp)
-
-
 @register_pass(kind="rewrite", requires=("classify_roles", "annotate_roles"), enabled=lambda c: c.tp > 1,
                options_from_config=lambda c: {"tp": c.tp})
 def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:
@@ -496,16 +504,14 @@ def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:
     if not unshards:
         return gm
     world_group = unshards[0].args[4]
-    meshes = _meshes_for(world_group, tp)
+    meshes = find_meshes(world_group, tp)
     if meshes is None:
         log.info("tensor_parallel: no (dp, tp=%d) mesh for group %s; skipped", tp, world_group)
         return gm
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    tp_rank = dist.get_rank(_resolve_process_group(meshes.tp_group))
+    tp_rank = group_rank(meshes.tp_group)
     params = {n.args[0] for n in unshards} | {a for n in unshards for a in n.args[0].all_input_nodes}
-    tokens = _token_nodes(gm, {p for p in params if p.op == "placeholder"})
+    module_state = {n for n in gm.graph.nodes if n.op == "placeholder" and n.name in ctx.param_fqns}
+    tokens = _token_nodes(gm, {p for p in params if p.op == "placeholder"} | module_state)
     forward_names = ctx.result("classify_roles").forward_nodes
     forward = {n for n in gm.graph.nodes if n.name in forward_names}
     done, kept = [], []
@@ -516,7 +522,7 @@ def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:
                            world_group)
         try:
             rewrite.propagate()
-            rewrite._outputs()
+            rewrite.outputs()
         except _Unsupported as why:
             kept.append(f"{region.role}@{region.layer}: {why}")
             continue

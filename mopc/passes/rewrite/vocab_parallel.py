@@ -37,6 +37,7 @@ from mopc.passes.analysis.graph_utils import (
 )
 from mopc.passes.registry import register_pass
 from mopc.passes.rewrite.splice import insert_traced
+from mopc.plan.mesh import group_rank, group_size
 
 log = logging.getLogger("mopc.passes")
 aten = torch.ops.aten
@@ -82,19 +83,6 @@ def _readers(node: Node) -> set[Node]:
     return out
 
 
-def _group_size(name: str) -> int:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return _resolve_process_group(name).size()
-
-
-def _group_rank(name: str) -> int:
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
-    return dist.get_rank(_resolve_process_group(name))
-
-
 class _Match:
     """One projection + cross-entropy region of the joint graph."""
 
@@ -104,7 +92,7 @@ class _Match:
         self.nll, self.nll_bwd, self.grad_h_mm, self.reduce = nll, nll_bwd, grad_h_mm, reduce
 
 
-def _find(gm: GraphModule, world: int) -> list[_Match] | str:
+def _find(gm: GraphModule) -> list[_Match] | str:
     """The regions to rewrite, or why there is none."""
     graph = gm.graph
     matches = []
@@ -117,14 +105,18 @@ def _find(gm: GraphModule, world: int) -> list[_Match] | str:
         mm = _upstream(ls.args[0])
         if not is_op(mm, MATMUL_OPS) or mm.target is not aten.mm.default:
             return f"the logits come from {mm.target}, not a matrix multiply"
-        weight_side = [a for a in mm.args if is_unshard(view_source(a))]
-        if len(weight_side) != 1:
-            return "the projection weight is not a sharded parameter"
-        unshard = view_source(weight_side[0])
-        _, shape, chunk_dim, num_chunks, _ = unshard.args
-        if num_chunks != world or chunk_dim != 0 or len(shape) != 2:
-            return "the projection weight is not laid out by vocabulary rows (vocab_parallel=False?)"
-        act = next(a for a in mm.args if a is not weight_side[0])
+        weight_side = mm.args[1]
+        # exactly h @ w.T of the whole sharded weight: no slice (a padded vocabulary), no cast
+        if not (weight_side.target is aten.t.default and is_unshard(weight_side.args[0])):
+            return "the logits are not h @ w.T of a sharded [vocab, hidden] weight"
+        unshard = weight_side.args[0]
+        _, shape, chunk_dim, num_chunks, group = unshard.args
+        if num_chunks != group_size(group) or chunk_dim != 0 or len(shape) != 2:
+            return (f"the projection weight is not laid out by vocabulary rows (vocab_parallel=False, "
+                    f"or the weight {shape} is tied to another role)")
+        act = mm.args[0]
+        if act.meta["val"].shape[-1] != shape[1] or act.meta["val"].dtype != unshard.meta["val"].dtype:
+            return "the projection input does not match the weight's hidden size or dtype"
         if _readers(mm) != {ls}:
             return "the logits are used outside the loss (the model returns them?)"
         nll_bwd = [u for u in ls.users if _is_nll_backward(u)]
@@ -186,7 +178,7 @@ def _backward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ig
         h_all = c10d.wait_tensor(c10d.all_gather_into_tensor(h.contiguous(), world, group))
         y_all = c10d.wait_tensor(c10d.all_gather_into_tensor(labels.contiguous(), world, group))
         scale = coefs[:, None].expand(world, n).reshape(-1) * (y_all != ignore_index)
-        grad_w = torch.zeros_like(w)
+        grad_w = torch.zeros_like(w, dtype=torch.float32)  # summed over chunks: accumulate in fp32
         grad_h = []
         for h_c, y_c, lse_c, s_c in zip(h_all.split(chunk), y_all.split(chunk), lse.split(chunk),
                                         scale.split(chunk)):
@@ -195,10 +187,10 @@ def _backward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ig
             inside = ((local >= 0) & (local < rows)).to(probs.dtype)
             probs = probs.scatter_add(1, local.clamp(0, rows - 1)[:, None], -inside[:, None])
             dlogits = (probs * s_c[:, None]).to(w.dtype)
-            grad_w = grad_w + torch.mm(dlogits.t(), h_c)
+            grad_w = grad_w + torch.mm(dlogits.t(), h_c).float()
             grad_h.append(torch.mm(dlogits, w))
         dh = c10d.wait_tensor(c10d.reduce_scatter_tensor(torch.cat(grad_h), "sum", world, group))
-        return dh, (grad_w / world).reshape(-1)
+        return dh, (grad_w / world).to(w.dtype).reshape(-1)
 
     return backward
 
@@ -223,17 +215,13 @@ def vocab_parallel_loss(gm: GraphModule, ctx, *, chunk_tokens: int) -> GraphModu
        projection's input gradient and its dw the weight's reduced gradient;
     4. drop what became dead (the full logits, the gather of the weight).
     """
-    unshards = [n for n in gm.graph.nodes if is_unshard(n)]
-    if not unshards:
-        return gm
-    group = unshards[0].args[4]
-    world = _group_size(group)
-    found = _find(gm, world)
+    found = _find(gm)
     if isinstance(found, str):
         log.info("vocab_parallel_loss: not applied to %s: %s", ctx.graph_id, found)
         return gm
-    rank = _group_rank(group)
     for m in found:
+        group = m.unshard.args[4]
+        world, rank = group_size(group), group_rank(group)
         rows = m.unshard.args[1][0] // world
         ignore_index, reduction = m.nll.args[4], m.nll.args[3]
         common = {"world": world, "rank": rank, "group": group, "rows": rows, "chunk": chunk_tokens,
