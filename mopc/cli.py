@@ -29,6 +29,12 @@ def _build(name: str, device: str, seed: int):
     return build_model(name, device=device, seed=seed)
 
 
+def _default_seq_len(model: str) -> int:
+    from mopc.models.presets import PRESETS
+
+    return min(128, PRESETS[model].max_seq_len) if model in PRESETS else 128
+
+
 def _example_inputs(model, batch: int, seq_len: int, device: str) -> dict:
     vocab = model.config.vocab_size
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device) if device == "meta" else \
@@ -156,7 +162,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     options = mop_options(args)
     MoPConfig.from_options(options)  # a bad value fails before any process starts
     return TrainSettings(model=args.model, steps=args.steps, seed=args.seed, batch=args.batch,
-                         seq_len=args.seq_len, lr=args.lr, backend=args.backend, baseline=args.baseline,
+                         seq_len=args.seq_len or _default_seq_len(args.model), lr=args.lr, backend=args.backend, baseline=args.baseline,
                          compile_baseline=args.compile_baseline, json_path=args.json, quiet=args.quiet,
                          mop_options=options)
 
@@ -206,9 +212,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None and int(os.environ["WORLD_SIZE"]) != args.nproc:
         raise SystemExit(f"mopc train: --nproc {args.nproc} under torchrun with WORLD_SIZE="
                          f"{os.environ['WORLD_SIZE']}; drop --nproc when launching with torchrun yourself")
+    from mopc.config import MoPConfigError
+
     try:
         report = run_training(settings)
-    except TrainSettingsError as err:
+    except (TrainSettingsError, MoPConfigError) as err:  # raised on every rank, before any allocation
         raise SystemExit(f"mopc train: {err}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"\nmopc train: {settings.model}, {settings.program} (runs as {report['config']['runs_as']}), "
@@ -238,7 +246,8 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--steps", type=_positive, default=10)
     p.add_argument("--batch", type=_positive, default=4,
                    help="global batch; each of W ranks takes batch // W rows (must divide)")
-    p.add_argument("--seq-len", type=_positive, default=128)
+    p.add_argument("--seq-len", type=_positive, default=None,
+                   help="tokens per sequence (default: 128, or the model's max_seq_len when smaller)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH",

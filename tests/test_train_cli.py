@@ -82,7 +82,11 @@ def test_settings_errors_name_the_fix():
         TrainSettings(backend="eager", batch=4).validate(2)
     with pytest.raises(TrainSettingsError, match="--tp apply to --backend mop only"):
         TrainSettings(baseline="ddp", mop_options={"tp": 2}).validate(2)
-    TrainSettings(baseline="fsdp2", batch=4).validate(4)
+    with pytest.raises(TrainSettingsError, match="--seq-len 128 exceeds the tiny model's max_seq_len 64"):
+        TrainSettings(model="tiny", seq_len=128, batch=4).validate(4)
+    with pytest.raises(TrainSettingsError, match=r"tp=3 does not divide the world size 4"):
+        TrainSettings(model="tiny", seq_len=16, batch=4, mop_options={"tp": 3}).validate(4)
+    TrainSettings(baseline="fsdp2", batch=4, seq_len=16).validate(4)
 
 
 @pytest.mark.multiprocess

@@ -12,7 +12,7 @@ On gloo, FSDP2 all-reduces gradients instead of reduce-scattering them (gloo has
 reduce-scatter), so its gradient traffic is that of DDP; on NCCL it reduce-scatters.
 
 Both are compiled with `backend="aot_eager"` (the CPU analogue of what mop lowers to);
-`compile_baseline(..., compile=False)` runs them eagerly instead.
+`wrap_baseline(..., compile=False)` runs them eagerly instead.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def apply_fsdp2(model: nn.Module) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    from mopc.plan.mesh import device_type
+
+    mesh = init_device_mesh(device_type(), (dist.get_world_size(),))
     blocks = _blocks(model)
     if not blocks:
         log.warning("fsdp2 baseline: %s has no `layers`; sharding the root module only",

@@ -155,10 +155,24 @@ class TrainSettings:
             raise TrainSettingsError(f"--baseline {self.baseline} and --backend {self.backend}: choose one")
         if self.program != "mop" and "dump_dir" in self.mop_options:
             log.warning("--dump-dir: %s has no mop graphs to dump; ignored", self.program)
-        layout_options = sorted(set(self.mop_options) - {"dump_dir"})
-        if self.program != "mop" and layout_options:
-            flags = ", ".join("--" + name.replace("_", "-") for name in layout_options)
+        mop_only = sorted(set(self.mop_options) - {"dump_dir"})
+        if self.program != "mop" and mop_only:
+            flags = ", ".join("--" + name.replace("_", "-") for name in mop_only)
             raise TrainSettingsError(f"{flags} apply to --backend mop only, not to {self.program}")
+        from mopc.models.presets import PRESETS
+
+        limit = PRESETS[self.model].max_seq_len if self.model in PRESETS else None
+        if limit is not None and self.seq_len > limit:
+            raise TrainSettingsError(f"--seq-len {self.seq_len} exceeds the {self.model} model's max_seq_len "
+                                     f"{limit}; use --seq-len {limit} or less")
+        if self.program == "mop":  # the mesh against the world, before torchrun starts any rank
+            from mopc.config import MoPConfig, MoPConfigError
+            from mopc.plan.mesh import MeshSpec
+
+            try:
+                MeshSpec.from_config(MoPConfig.from_options(self.mop_options), world)
+            except MoPConfigError as err:
+                raise TrainSettingsError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------- programs
