@@ -33,7 +33,7 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "configs", "per_rank"), [(2, "tp=1;tp=2", 2), (4, "tp=1;tp=2", 1)],
+@pytest.mark.parametrize(("world", "configs", "per_rank"), [(2, "tp=1,loss_chunk_tokens=16;tp=2", 2), (4, "tp=1;tp=2", 1)],
                          ids=["world2", "world4-one-sequence-per-rank"])
 def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank):
     out = tmp_path / "parity.json"

@@ -5,18 +5,20 @@ computes [N, V] logits for its N tokens. After `mopc.parallelize` with `vocab_pa
 rank r owns rows [r V/W, (r+1) V/W) of that weight. This pass replaces the projection,
 the log-softmax and the NLL loss (forward and backward) by a computation on that shard:
 
-    forward   h_all = all_gather(h)                     [W N, D]   (every rank's tokens)
-              per chunk of tokens: logits = h_c @ w_r^T [C, V/W]
+    forward   per chunk of C own tokens (C = loss_chunk_tokens / W):
+                  h_c = all_gather(own chunk)            [W C, D]  (that chunk of every rank)
+                  logits = h_c @ w_r^T                   [W C, V/W]
                   max  -> all_reduce(max),  sum exp -> all_reduce(sum)  => log-sum-exp
                   target logit if the label falls in this shard          -> all_reduce(sum)
               loss = mean over this rank's own tokens of (lse - target logit)
     backward  coefficient of each rank's tokens (dL_r / d loss_r / count_r) -> all_gather
               per chunk: dlogits = coef * (softmax - onehot) on the shard (recomputed)
-              dw_r = sum_c dlogits^T h_c / W             (already this rank's shard)
-              dh   = reduce_scatter(sum_c dlogits @ w_r) (back to each rank's tokens)
+                  dw_r += dlogits^T h_c                  (already this rank's shard; / W at the end)
+                  dh_c  = reduce_scatter(dlogits @ w_r)  (back to the chunk's owners)
 
-so a rank holds at most [loss_chunk_tokens, V/W] logits, the weight is never gathered and
-its gradient needs no reduce-scatter. Losses and gradients equal the reference up to fp32
+so a rank holds at most [loss_chunk_tokens, V/W] logits and [loss_chunk_tokens, D] gathered
+hidden states at a time, whatever the world size; the weight is never gathered and its
+gradient needs no reduce-scatter. Losses and gradients equal the reference up to fp32
 reassociation.
 """
 
@@ -140,57 +142,65 @@ def _grad_w_of(reduce: Node, grad_logits: Node, act_src: Node) -> bool:
     return src.target is aten.mm.default and {view_source(a) for a in src.args} == {grad_logits, act_src}
 
 
+def _gather(x: torch.Tensor, world: int, group: str) -> torch.Tensor:
+    return c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), world, group))
+
+
 def _forward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ignore_index: int,
                 reduction: int, loss_dtype: torch.dtype) -> Callable:
+    """Per chunk of `chunk` own tokens: gather that chunk from every rank ([W·chunk, D]),
+    logits on the vocabulary shard, log-sum-exp and target logit by all-reduce."""
+
     def forward(h: torch.Tensor, shard: torch.Tensor, labels: torch.Tensor):
         w = shard.view(rows, -1)
-        h_all = c10d.wait_tensor(c10d.all_gather_into_tensor(h.contiguous(), world, group))
-        y_all = c10d.wait_tensor(c10d.all_gather_into_tensor(labels.contiguous(), world, group))
-        lses, picks = [], []
-        for h_c, y_c in zip(h_all.split(chunk), y_all.split(chunk)):
-            logits = torch.mm(h_c, w.t()).float()
+        own_losses, lses = [], []
+        for h_c, y_c in zip(h.split(chunk), labels.split(chunk)):
+            c = h_c.shape[0]
+            y_all = _gather(y_c, world, group)  # rank-major: rows r*c:(r+1)*c are rank r's
+            logits = torch.mm(_gather(h_c, world, group), w.t()).float()
             top = c10d.wait_tensor(c10d.all_reduce(logits.amax(-1), "max", group))
             total = c10d.wait_tensor(c10d.all_reduce((logits - top[:, None]).exp().sum(-1), "sum", group))
-            lses.append(top + total.log())
-            local = y_c - rank * rows
+            lse = top + total.log()
+            local = y_all - rank * rows
             inside = (local >= 0) & (local < rows)
-            picks.append(logits.gather(1, local.clamp(0, rows - 1)[:, None]).squeeze(1) * inside)
-        lse = torch.cat(lses)
-        target = c10d.wait_tensor(c10d.all_reduce(torch.cat(picks), "sum", group))
-        n = h.shape[0]
+            picked = logits.gather(1, local.clamp(0, rows - 1)[:, None]).squeeze(1) * inside
+            target = c10d.wait_tensor(c10d.all_reduce(picked, "sum", group))
+            own_losses.append(lse[rank * c:(rank + 1) * c] - target[rank * c:(rank + 1) * c])
+            lses.append(lse)
         valid = labels != ignore_index
-        own = (lse[rank * n:(rank + 1) * n] - target[rank * n:(rank + 1) * n]) * valid
         count = valid.sum().to(loss_dtype)
-        loss = own.sum().to(loss_dtype)
-        return (loss / count if reduction == _MEAN else loss), count, lse
+        loss = (torch.cat(own_losses) * valid).sum().to(loss_dtype)
+        return (loss / count if reduction == _MEAN else loss), count, torch.cat(lses)
 
     return forward
 
 
 def _backward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ignore_index: int,
                  reduction: int) -> Callable:
+    """Per chunk, as in forward: recompute the shard's logits, dlogits = coef (softmax - onehot),
+    accumulate dw, reduce-scatter the chunk's dh back to its owners."""
+
     def backward(grad: torch.Tensor, h: torch.Tensor, shard: torch.Tensor, labels: torch.Tensor,
                  lse: torch.Tensor, count: torch.Tensor):
         w = shard.view(rows, -1)
-        n = h.shape[0]
         coef = (grad / count if reduction == _MEAN else grad).float().reshape(1)
-        coefs = c10d.wait_tensor(c10d.all_gather_into_tensor(coef, world, group))
-        h_all = c10d.wait_tensor(c10d.all_gather_into_tensor(h.contiguous(), world, group))
-        y_all = c10d.wait_tensor(c10d.all_gather_into_tensor(labels.contiguous(), world, group))
-        scale = coefs[:, None].expand(world, n).reshape(-1) * (y_all != ignore_index)
+        coefs = _gather(coef, world, group)  # every rank's dL_r / d(token loss)
         grad_w = torch.zeros_like(w, dtype=torch.float32)  # summed over chunks: accumulate in fp32
-        grad_h = []
-        for h_c, y_c, lse_c, s_c in zip(h_all.split(chunk), y_all.split(chunk), lse.split(chunk),
-                                        scale.split(chunk)):
-            probs = (torch.mm(h_c, w.t()).float() - lse_c[:, None]).exp()
-            local = y_c - rank * rows
+        grad_h, start = [], 0
+        for h_c, y_c in zip(h.split(chunk), labels.split(chunk)):
+            c = h_c.shape[0]
+            h_all, y_all = _gather(h_c, world, group), _gather(y_c, world, group)
+            lse_c = lse[start:start + world * c]
+            start += world * c
+            scale = coefs[:, None].expand(world, c).reshape(-1) * (y_all != ignore_index)
+            probs = (torch.mm(h_all, w.t()).float() - lse_c[:, None]).exp()
+            local = y_all - rank * rows
             inside = ((local >= 0) & (local < rows)).to(probs.dtype)
             probs = probs.scatter_add(1, local.clamp(0, rows - 1)[:, None], -inside[:, None])
-            dlogits = (probs * s_c[:, None]).to(w.dtype)
-            grad_w = grad_w + torch.mm(dlogits.t(), h_c).float()
-            grad_h.append(torch.mm(dlogits, w))
-        dh = c10d.wait_tensor(c10d.reduce_scatter_tensor(torch.cat(grad_h), "sum", world, group))
-        return dh, (grad_w / world).to(w.dtype).reshape(-1)
+            dlogits = (probs * scale[:, None]).to(w.dtype)
+            grad_w = grad_w + torch.mm(dlogits.t(), h_all).float()
+            grad_h.append(c10d.wait_tensor(c10d.reduce_scatter_tensor(torch.mm(dlogits, w), "sum", world, group)))
+        return torch.cat(grad_h), (grad_w / world).to(w.dtype).reshape(-1)
 
     return backward
 
@@ -224,7 +234,8 @@ def vocab_parallel_loss(gm: GraphModule, ctx, *, chunk_tokens: int) -> GraphModu
         world, rank = group_size(group), group_rank(group)
         rows = m.unshard.args[1][0] // world
         ignore_index, reduction = m.nll.args[4], m.nll.args[3]
-        common = {"world": world, "rank": rank, "group": group, "rows": rows, "chunk": chunk_tokens,
+        own_chunk = max(1, chunk_tokens // world)  # a gathered chunk holds about chunk_tokens tokens
+        common = {"world": world, "rank": rank, "group": group, "rows": rows, "chunk": own_chunk,
                   "ignore_index": ignore_index, "reduction": reduction}
         shard, labels = m.unshard.args[0], m.nll.args[1]
         loss_dtype = m.nll.meta["val"][0].dtype
