@@ -139,11 +139,6 @@ class CommCounter:
         self._last_record = self._latest_record_id()
         self._group_sizes: dict[str, int] = {}
 
-    @property
-    def available(self) -> bool:
-        """Whether the flight recorder is on (and records anything) in this process."""
-        return bool(os.environ.get("TORCH_FR_BUFFER_SIZE")) and _dump() is not None
-
     @staticmethod
     def _latest_record_id() -> int:
         trace = _dump()
