@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
@@ -85,13 +86,18 @@ def _readers(node: Node) -> set[Node]:
     return out
 
 
+@dataclass(frozen=True)
 class _Match:
     """One projection + cross-entropy region of the joint graph."""
 
-    def __init__(self, unshard: Node, mm: Node, act: Node, log_softmax: Node, nll: Node,
-                 nll_bwd: Node, grad_h_mm: Node, reduce: Node) -> None:
-        self.unshard, self.mm, self.act, self.log_softmax = unshard, mm, act, log_softmax
-        self.nll, self.nll_bwd, self.grad_h_mm, self.reduce = nll, nll_bwd, grad_h_mm, reduce
+    unshard: Node
+    mm: Node
+    act: Node
+    log_softmax: Node
+    nll: Node
+    nll_bwd: Node
+    grad_h_mm: Node
+    reduce: Node
 
 
 def _find(gm: GraphModule) -> list[_Match] | str:
