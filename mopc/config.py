@@ -74,14 +74,59 @@ class MoPConfig:
     """Free gathered parameters after their forward use and gather them again in
     backward (ZeRO-3), instead of keeping them until backward."""
 
+    # ------------------------------------------------------------ experts
+
+    ep: int = 1
+    """Expert-parallel degree: the routed experts of every MoE layer are split over groups
+    of `ep` consecutive ranks (which may span data- and tensor-parallel ranks); tokens
+    travel to their experts by all-to-all and expert weights are never gathered. Must
+    divide the world size and the number of experts."""
+
+    capacity_factor: float | None = None
+    """None = dropless (every routed token is computed). A number c caps each expert at
+    ceil(c * rows / num_experts) rows per step and expert-parallel group, where rows is the
+    group's routed (token, expert) pairs; the rows beyond the cap are dropped in order
+    (source rank, then the rank's own row order), so they add nothing to the output."""
+
+    expert_spill_factor: float | None = None
+    """None = off. A number f >= 1 bounds the rows an expert-parallel rank computes to
+    ceil(f * mean rows per rank): the overflow rows of its hottest experts are sent, with
+    those experts' weights, to the least-loaded ranks of the group for that step, and
+    their weight gradients sent back to the owner. Exact (same result as without)."""
+
+    expert_spill_slots: int = 1
+    """Experts a rank can borrow per layer and step when spilling (memory: this many
+    extra experts' weights and gradients per rank)."""
+
+    expert_bias_update_rate: float = 0.0
+    """Aux-loss-free load balancing (DeepSeek-V3): before each step, every MoE layer's
+    router correction bias (a buffer named `expert_bias`, `e_score_correction_bias`) moves
+    by this rate times sign(mean load - expert load), from the previous step's global
+    token counts. 0 = off."""
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-        for name in ("tp", "dp", "loss_chunk_tokens"):
+        for name in ("tp", "dp", "loss_chunk_tokens", "ep", "expert_spill_slots"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MoPConfigError(f"mop option {name}={value!r} must be a positive integer")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise MoPConfigError(
+                f"mop option capacity_factor={self.capacity_factor!r} must be positive "
+                "(e.g. 1.25), or None for dropless experts"
+            )
+        if self.expert_spill_factor is not None and not self.expert_spill_factor >= 1:
+            raise MoPConfigError(
+                f"mop option expert_spill_factor={self.expert_spill_factor!r} must be >= 1 (a bound "
+                "relative to the mean rows per rank, e.g. 1.25), or None to turn spilling off"
+            )
+        if self.expert_bias_update_rate < 0:
+            raise MoPConfigError(
+                f"mop option expert_bias_update_rate={self.expert_bias_update_rate!r} must be >= 0 "
+                "(e.g. 1e-3; 0 = off)"
+            )
         if self.bucket_mb < 0:
             raise MoPConfigError(f"mop option bucket_mb={self.bucket_mb!r} must be >= 0 (0 = no bucketing)")
 
@@ -150,7 +195,7 @@ class MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})
 
 
-LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel")
+LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel", "ep")
 """Fields fixed by `mopc.parallelize` (how parameters are sharded at rest)."""
 
 

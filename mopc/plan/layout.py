@@ -6,7 +6,10 @@ Rules (DESIGN.md's table, the parts built so far):
   (`vocab`), so the vocab-parallel loss uses the shard in place and never gathers it;
 - attention and dense MLP, when `tp > 1`: chunks over the tensor-parallel group
   (column-parallel q/k/v and up/gate projections, row-parallel output projections),
-  each chunk ZeRO-3-sharded over the data-parallel ranks (`tp`).
+  each chunk ZeRO-3-sharded over the data-parallel ranks (`tp`);
+- routed experts, when `ep > 1`: experts (dim 0 of the 3-D weights) split into `ep`
+  chunks over an expert-parallel group, each chunk ZeRO-3-sharded over the ranks holding
+  the same experts (`ep`); tokens travel to them, the weights never do.
 Shapes are checked against the mesh here, before anything is allocated.
 """
 
@@ -36,6 +39,7 @@ class ModelDims:
     num_kv_heads: int | None = None
     vocab_size: int | None = None
     hidden_size: int | None = None
+    num_experts: int | None = None
 
     @staticmethod
     def of(model: torch.nn.Module) -> ModelDims:
@@ -54,6 +58,7 @@ class ModelDims:
             num_kv_heads=pick("num_kv_heads", "num_key_value_heads") or heads,
             vocab_size=pick("vocab_size"),
             hidden_size=pick("dim", "hidden_size", "n_embd"),
+            num_experts=pick("num_experts", "num_local_experts", "n_routed_experts"),
         )
 
 
@@ -71,7 +76,9 @@ class Plan:
         by_kind: dict[str, list[str]] = {}
         for fqn, layout in self.layouts.items():
             by_kind.setdefault(layout.kind, []).append(fqn)
-        lines = [f"mesh: world {self.spec.world_size} = dp {self.spec.dp} x tp {self.spec.tp}"]
+        lines = [f"mesh: world {self.spec.world_size} = dp {self.spec.dp} x tp {self.spec.tp}"
+                 + (f"; experts: ep {self.spec.ep} x edp {self.spec.world_size // self.spec.ep}"
+                    if self.spec.ep > 1 else "")]
         for kind, fqns in sorted(by_kind.items()):
             numel = sum(math.prod(self.layouts[f].shape) for f in fqns)
             lines.append(f"  {kind:6s} {len(fqns):4d} tensors, {numel:,} elements")
@@ -102,6 +109,12 @@ def check_dims(dims: ModelDims, spec: MeshSpec, config: MoPConfig) -> None:
                     f"mop option tp={tp} does not divide the model's {name} ({value}); "
                     f"choose tp from {ok}"
                 )
+    if spec.ep > 1 and dims.num_experts is not None and dims.num_experts % spec.ep:
+        ok = [d for d in range(1, dims.num_experts + 1) if dims.num_experts % d == 0 and spec.world_size % d == 0]
+        raise MoPConfigError(
+            f"mop option ep={spec.ep} does not divide the model's number of experts ({dims.num_experts}); "
+            f"choose ep from {ok}"
+        )
     if config.vocab_parallel and dims.vocab_size is not None and dims.vocab_size % spec.world_size:
         raise MoPConfigError(
             f"mop option vocab_parallel=True needs the vocabulary ({dims.vocab_size}) divisible by the "
@@ -166,6 +179,11 @@ def make_plan(model: torch.nn.Module, param_roles: Mapping[str, str], spec: Mesh
         role = param_roles.get(fqn, "other")
         shape = tuple(param.shape)
         layout = ParamLayout(fqn=fqn, shape=shape, world_size=spec.world_size)
+        if spec.ep > 1 and role == "expert":
+            layout = _expert_layout(fqn, shape, spec, dims, notes)
+            layout.validate()
+            layouts[fqn] = layout
+            continue
         tp_dim = _tp_dim(fqn, role) if spec.tp > 1 and _block_of(fqn, role) not in skip_blocks else None
         if role == "vocab_projection" and config.vocab_parallel and len(shape) == 2:
             if shape[0] % spec.world_size == 0:
@@ -186,4 +204,25 @@ def make_plan(model: torch.nn.Module, param_roles: Mapping[str, str], spec: Mesh
                                  world_size=spec.world_size, kind="tp")
         layout.validate()
         layouts[fqn] = layout
+    if spec.ep > 1 and not any(lay.kind == "ep" for lay in layouts.values()):
+        raise MoPConfigError(
+            f"mop option ep={spec.ep} needs routed experts stored as 3-D weights [experts, ...], but the "
+            "analysis found none in this model (no MoE block, or per-expert modules); pass ep=1"
+        )
     return Plan(spec=spec, config=config, layouts=layouts, param_roles=dict(param_roles), notes=tuple(notes))
+
+
+def _expert_layout(fqn: str, shape: tuple[int, ...], spec: MeshSpec, dims: ModelDims,
+                   notes: list[str]) -> ParamLayout:
+    """Experts (dim 0) split over the expert-parallel group; otherwise the reference layout."""
+    num_experts = dims.num_experts if dims.num_experts is not None else (shape[0] if len(shape) == 3 else None)
+    if len(shape) != 3 or shape[0] != num_experts:
+        notes.append(f"{fqn}: not a [experts, ...] weight; kept ZeRO-3")
+        return ParamLayout(fqn=fqn, shape=shape, world_size=spec.world_size)
+    if shape[0] % spec.ep:
+        ok = [d for d in range(1, shape[0] + 1) if shape[0] % d == 0 and spec.world_size % d == 0]
+        raise MoPConfigError(
+            f"mop option ep={spec.ep} does not divide the {shape[0]} experts of {fqn}; choose ep from {ok}"
+        )
+    return ParamLayout(fqn=fqn, shape=shape, chunk_dim=0, num_chunks=spec.ep, world_size=spec.world_size,
+                       kind="ep")

@@ -2,6 +2,9 @@
 
 Ranks are laid out row-major over `(dp, tp)`: the tensor-parallel rank varies fastest,
 so a tensor-parallel group is `tp` consecutive ranks (on GPUs, the ranks of one node).
+Experts have their own grid over the same ranks, `(edp, ep)`: an expert-parallel group is
+`ep` consecutive ranks (it may span data- and tensor-parallel ranks), and the
+expert-data-parallel group of a rank holds the ranks with the same experts.
 Process groups are created once per mesh and reused by every compiled graph.
 """
 
@@ -20,11 +23,12 @@ log = logging.getLogger("mopc")
 
 @dataclass(frozen=True)
 class MeshSpec:
-    """Sizes of the mesh axes; `world_size == dp * tp`."""
+    """Sizes of the mesh axes; `world_size == dp * tp`, and `ep` divides the world."""
 
     world_size: int
     dp: int
     tp: int
+    ep: int = 1
 
     @staticmethod
     def from_config(config: MoPConfig, world_size: int) -> MeshSpec:
@@ -41,7 +45,13 @@ class MeshSpec:
                 f"mop options dp={dp} x tp={tp} = {dp * tp} ranks, but the world size is {world_size}; "
                 f"set dp={world_size // tp} (or leave dp unset) or launch {dp * tp} ranks"
             )
-        return MeshSpec(world_size=world_size, dp=dp, tp=tp)
+        ep = config.ep
+        if world_size % ep:
+            raise MoPConfigError(
+                f"mop option ep={ep} does not divide the world size {world_size}; choose ep from "
+                f"{_divisors(world_size)} or launch a multiple of {ep} ranks"
+            )
+        return MeshSpec(world_size=world_size, dp=dp, tp=tp, ep=ep)
 
 
 def _divisors(n: int) -> list[int]:
@@ -58,6 +68,10 @@ class Meshes:
     world_group: str
     dp_group: str
     tp_group: str
+    ep_group: str
+    """`ep` consecutive ranks: the experts of a layer are split over them."""
+    edp_group: str
+    """The ranks holding the same experts as this one (world / ep of them, strided)."""
     default_group: object  # the default process group these were made under
 
 
@@ -86,11 +100,15 @@ def build_meshes(spec: MeshSpec) -> Meshes:
     if cached is None or cached.default_group is not dist.group.WORLD:  # re-initialised since
         world = init_device_mesh(device_type(), (spec.world_size,), mesh_dim_names=("world",))
         grid = init_device_mesh(device_type(), (spec.dp, spec.tp), mesh_dim_names=("dp", "tp"))
+        experts = init_device_mesh(device_type(), (spec.world_size // spec.ep, spec.ep),
+                                   mesh_dim_names=("edp", "ep"))
         _MESHES[key] = Meshes(
             spec=spec, world=world, grid=grid,
             world_group=world.get_group("world").group_name,
             dp_group=grid.get_group("dp").group_name,
             tp_group=grid.get_group("tp").group_name,
+            ep_group=experts.get_group("ep").group_name,
+            edp_group=experts.get_group("edp").group_name,
             default_group=dist.group.WORLD,
         )
     return _MESHES[key]
@@ -111,10 +129,11 @@ def group_rank(name: str) -> int:
     return dist.get_rank(resolve_group(name))
 
 
-def find_meshes(world_group: str, tp: int) -> Meshes | None:
-    """The meshes built for a world group and tensor-parallel degree (the graph names the group)."""
+def find_meshes(world_group: str, tp: int, ep: int | None = None) -> Meshes | None:
+    """The meshes built for a world group and tensor-parallel (and expert-parallel) degree."""
     for meshes in _MESHES.values():
-        if meshes.world_group == world_group and meshes.spec.tp == tp and meshes.default_group is dist.group.WORLD:
+        if (meshes.world_group == world_group and meshes.spec.tp == tp and meshes.default_group is dist.group.WORLD
+                and (ep is None or meshes.spec.ep == ep)):
             return meshes
     return None
 

@@ -55,7 +55,8 @@ class ParamLayout:
     world_size: int = 1
     kind: str = "flat"
     """`flat` (ZeRO-3 over all ranks), `tp` (chunks over the tensor-parallel group,
-    pieces over data-parallel ranks) or `vocab` (one row block per rank)."""
+    pieces over data-parallel ranks), `ep` (experts split over the expert-parallel group,
+    pieces over the ranks holding the same experts) or `vocab` (one row block per rank)."""
 
     @property
     def num_pieces(self) -> int:
