@@ -98,6 +98,20 @@ def parallelize(
             "mopc.parallelize: the model is on the meta device; pass init_fn=(fqn, tensor) -> values "
             "(for mopc's models: mopc.models.make_init_fn(model, seed))"
         )
+    if config.expert_bias_update_rate > 0 and spec.ep == 1:
+        raise MoPConfigError(
+            f"mop option expert_bias_update_rate={config.expert_bias_update_rate} balances the expert-parallel "
+            "dispatch (its token counts drive the update), but ep=1; pass ep > 1 or expert_bias_update_rate=0"
+        )
+    if config.expert_bias_update_rate > 0:
+        from mopc.runtime.experts import expert_bias_buffers
+
+        if not expert_bias_buffers(model):
+            raise MoPConfigError(
+                f"mop option expert_bias_update_rate={config.expert_bias_update_rate} needs router correction-bias "
+                "buffers (named `expert_bias` or `e_score_correction_bias`), and this model has none; build the "
+                "router with a bias (MoEModelConfig.router_bias=True) or pass expert_bias_update_rate=0"
+            )
     config = config.replace(dp=spec.dp)  # resolved, so torch.compile(options={"dp": ...}) can agree
     param_roles = _param_roles(model, example_inputs, loss_fn)
     plan = make_plan(model, param_roles, spec, config, _tokens_per_rank(example_inputs))  # raises first
@@ -121,8 +135,33 @@ def parallelize(
     for param in model.parameters():  # the backend reads the layout options from its inputs
         param._mopc_config = config  # type: ignore[attr-defined]
     model.mopc_plan = plan  # type: ignore[assignment]
+    if config.expert_bias_update_rate > 0:
+        _balance_after_each_step(model, config.expert_bias_update_rate, meshes.edp_group)
     log.info("mopc.parallelize: %s", plan.summary().replace("\n", "; "))
     return model
+
+
+def _balance_after_each_step(model: nn.Module, rate: float, edp_group: str) -> None:
+    """Aux-loss-free balancing: after every optimizer step over this model's parameters, move
+    each MoE layer's router correction bias by the step's global token counts (outside any
+    compiled region, so graphs and guards are untouched)."""
+    import weakref
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from mopc.runtime.experts import expert_bias_buffers, update_expert_bias
+
+    biases = expert_bias_buffers(model)
+    param_ids = {id(p) for p in model.parameters()}  # ids: Tensor equality is elementwise
+    alive = weakref.ref(model)
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if alive() is None:
+            return
+        if any(id(p) in param_ids for group in optimizer.param_groups for p in group["params"]):
+            update_expert_bias(biases, rate, edp_group)
+
+    model._mopc_balance_hook = register_optimizer_step_post_hook(hook)  # type: ignore[assignment]
 
 
 def plan_of(model: nn.Module) -> Plan | None:

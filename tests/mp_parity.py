@@ -1,16 +1,20 @@
 """Run under torchrun: mopc vs single-device eager on the same global batches.
 
-    torchrun --nproc-per-node W tests/mp_parity.py OUT.json "tp=1;tp=2" [steps] [per_rank_batch]
+    torchrun --nproc-per-node W tests/mp_parity.py OUT.json "tp=1;tp=2;ep=2,skew=True" [steps] [per_rank_batch]
 
 For each configuration: build `tiny` on meta, `mopc.parallelize` with that rank's slice
 of the global batch, AdamW for `steps` steps through `torch.compile(backend="mop")` with
 gradient clipping, and, in the same process, the single-device eager model on the whole
-global batch. Rank 0 writes losses, final parameter differences, per-rank byte counts
+global batch. `skew=True` (not a mop option) forces skewed routing in both models: the
+router correction bias of experts 0 and 1 is raised so every token picks them (the first
+expert-parallel rank gets every row, experts 2.. and the other ranks none); `topk=N` builds
+`tiny` with N experts per token. Rank 0 writes losses, final parameter differences, per-rank byte counts
 and gradient-norm agreement to OUT.json, and the graph dumps to OUT.json.dumps/<config>/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -18,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import mopc
-from mopc.models import build_model, make_init_fn
+from mopc.models import PRESETS, build_model, make_init_fn
 from mopc.runtime.trainer import synthetic_batch
 
 # Adam divides by sqrt(v): an element whose gradient is at fp32 rounding level moves by up to
@@ -59,10 +63,47 @@ def _local_bytes(tensors) -> int:
     return total
 
 
+def _skew(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if getattr(module, "expert_bias", None) is not None:
+            module.expert_bias[:2] = 1.0
+
+
+def _grad_rel_diff(grads: dict[str, torch.Tensor], ref: torch.nn.Module) -> float:
+    """Largest gradient difference per tensor, relative to the tensor's largest element, or to
+    1e-3 of the largest element of any gradient when the tensor's own gradient is smaller:
+    a gradient that is mathematically zero (the router of a top-1 model with normalized
+    weights) is fp32 rounding noise in both runs and has no scale of its own."""
+    floor = 1e-3 * max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
+    return max(((grads[k] - p.grad).abs().max() / max(p.grad.abs().max().item(), floor)).item()
+               for k, p in ref.named_parameters() if p.grad is not None)
+
+
+def _biases(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.expert_bias for m in model.modules() if getattr(m, "expert_bias", None) is not None]
+
+
+def _count_routing(model: torch.nn.Module) -> dict:
+    """Tokens per expert of each router's last call (the single-device reference's global counts)."""
+    counts = {}
+    for module in model.modules():
+        if getattr(module, "expert_bias", None) is not None:
+            slot = counts.setdefault(module, [None])
+
+            def hook(mod, args, out, slot=slot):
+                slot[0] = torch.bincount(out[1].reshape(-1), minlength=mod.num_experts).double()
+
+            module.register_forward_hook(hook)
+    return counts
+
+
 def run(options: dict, steps: int, dump_dir: str | None) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
-    ref = build_model("tiny", device="cpu", seed=0)
-    model = build_model("tiny", device="meta", seed=0)
+    options = dict(options)
+    skew = options.pop("skew", False)
+    config = dataclasses.replace(PRESETS["tiny"], top_k=options.pop("topk", PRESETS["tiny"].top_k))
+    ref = build_model(config, device="cpu", seed=0)
+    model = build_model(config, device="meta", seed=0)
     vocab = ref.config.vocab_size
     global_batch = world * PER_RANK
 
@@ -71,10 +112,15 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
 
     model = mopc.parallelize(model, mine(synthetic_batch(0, global_batch, SEQ, vocab)),
                              init_fn=make_init_fn(model, 0), **options)
+    if skew:
+        _skew(ref)
+        _skew(model)
     init_diff = max((a - b).abs().max().item()
                     for a, b in zip(_full_params(model).values(), _full_params(ref).values()))
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
+    rate = options.get("expert_bias_update_rate", 0.0)
+    ref_counts = _count_routing(ref) if rate else {}
     compile_options = {"dump_dir": dump_dir} if dump_dir and rank == 0 else {}
     step_fn = torch.compile(model, backend="mop", options=compile_options)
     losses, ref_losses, norms, ref_norms = [], [], [], []
@@ -96,12 +142,15 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         ref_loss = ref(**batch)
         ref_loss.backward()
         if step == 0:
-            grad_diff = max(((grads[k] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)).item()
-                            for k, p in ref.named_parameters() if p.grad is not None)
+            grad_diff = _grad_rel_diff(grads, ref)
         ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)))
         ref_opt.step()
         ref_opt.zero_grad()
+        for router, counts in ref_counts.items():  # aux-loss-free balancing, by hand, from global counts
+            with torch.no_grad():
+                router.expert_bias += torch.sign(counts[0].mean() - counts[0]) * rate
         ref_losses.append(ref_loss.item())
+    bias_diff = max(((a - b).abs().max().item() for a, b in zip(_biases(model), _biases(ref))), default=0.0)
     final = _full_params(model)
     param_diff = max((final[k] - v).abs().max().item() for k, v in _full_params(ref).items())
     stats = torch.tensor([
@@ -121,6 +170,11 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         "state_dict_local_numel": sum(v.to_local().numel() if hasattr(v, "to_local") else v.numel()
                                       for v in sd.values()),
         "plan": model.mopc_plan.summary(),
+        "skew": skew,
+        "bias_diff": bias_diff,
+        "bias_moved": max((b.abs().max().item() for b in _biases(ref)), default=0.0) if not skew else None,
+        "top_k": config.top_k,
+        "expert_load": {str(k): v for k, v in mopc.expert_load_stats().items()},
     }
 
 
@@ -134,7 +188,8 @@ def main() -> None:
         options = {}
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
-            options[key] = int(value) if value.isdigit() else value == "True" if value in ("True", "False") else value
+            options[key] = (int(value) if value.isdigit() else value == "True" if value in ("True", "False")
+                            else float(value) if value.replace(".", "", 1).isdigit() else value)
         results.append(run(options, steps, f"{out}.dumps/{index}"))
         torch._dynamo.reset()
     if dist.get_rank() == 0:

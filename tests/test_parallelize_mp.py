@@ -63,3 +63,57 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank)
             sdpa = [line for line in forward.splitlines() if "= aten._scaled_dot_product_flash_attention_for_cpu(" in line]
             shapes = f": (f32[{2 * per_rank}, 4, 16, 8], f32[{2 * per_rank}, 4, 16])"
             assert len(sdpa) == 3 and all(shapes in line for line in sdpa), sdpa
+
+
+# Expert parallelism: `skew` forces every token onto experts 0 and 1 (all rows to the first
+# EP rank, the other ranks and experts 2.. get none); spilling then lends those experts.
+EP_CASES = [
+    (2, "ep=2,expert_bias_update_rate=0.001;ep=2,skew=True,expert_spill_factor=1.0,topk=1", 2),
+    (4, "ep=4,skew=True,topk=3;ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0", 1),
+]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "configs", "per_rank"), EP_CASES, ids=["world2", "world4"])
+def test_expert_parallel_trains_like_single_device_eager(tmp_path, world, configs, per_rank):
+    out = tmp_path / "parity.json"
+    results = _torchrun(world, configs, out, per_rank)
+    for index, r in enumerate(results):
+        name = f"world {world} {r['options']} skew={r['skew']} top_k={r['top_k']}"
+        for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
+            assert abs(ours - ref) <= 1e-5 * abs(ref), (name, r["losses"], r["ref_losses"])
+        assert r["first_step_grad_rel_diff"] <= 1e-5, (name, r["first_step_grad_rel_diff"])
+        assert r["param_diff"] <= 1e-5, (name, r["param_diff"])
+        assert r["bias_diff"] <= 1e-7, (name, "aux-loss-free bias updates equal the global-count reference")
+        if r["options"].get("expert_bias_update_rate"):
+            assert r["bias_moved"] >= 1e-3, (name, "the bias moved")
+        full = r["full_param_bytes"]
+        for rank in r["per_rank_bytes"]:
+            assert rank["params"] <= full / world * 1.05, (name, rank)
+        forward = _dump_text(out, index, "forward")
+        assert "mopc.ep_dispatch" in forward and "mopc.ep_combine" in forward, name
+        ep = r["options"]["ep"]
+        load = r["expert_load"]
+        assert sorted(load) == ["1", "2"], name  # both MoE layers of tiny reported
+        for stats in load.values():
+            assert len(stats["rows_per_rank"]) == ep and stats["dropped_rows"] == 0, (name, stats)
+            if r["skew"]:  # experts 4.. get nothing, so neither do their owners without spilling
+                assert stats["tokens_per_expert"][4:] == [0] * 4 and stats["imbalance_without_spill"] >= 2, (name, stats)
+                spilled = r["options"].get("expert_spill_factor")
+                if spilled:
+                    assert stats["imbalance"] == 1.0 and "mopc.ep_lend_weights" in forward, (name, stats)
+                else:
+                    assert stats["rows_per_rank"][-1] == 0, (name, stats)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.world8
+def test_expert_parallel_world8(tmp_path):
+    """ep=4 x tp=2 over 8 ranks, skewed routing with spilling (run with -m world8)."""
+    results = _torchrun(8, "ep=4,tp=2,skew=True,expert_spill_factor=1.0", tmp_path / "parity.json", 1, steps=5)
+    for r in results:
+        for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
+            assert abs(ours - ref) <= 1e-5 * abs(ref), (r["losses"], r["ref_losses"])
+        assert r["first_step_grad_rel_diff"] <= 1e-5 and r["param_diff"] <= 1e-5

@@ -41,7 +41,7 @@ from mopc.plan.mesh import resolve_group
 
 log = logging.getLogger("mopc.ep")
 
-__all__ = ["RoutePlan", "expert_load_stats", "route_plan"]
+__all__ = ["RoutePlan", "expert_bias_buffers", "expert_load_stats", "route_plan", "update_expert_bias"]
 
 
 # ------------------------------------------------------------------------ the plan
@@ -370,3 +370,47 @@ def ep_return_grads(grad: torch.Tensor, counts: torch.Tensor, counts_all: torch.
 @ep_return_grads.register_fake
 def _(grad, counts, counts_all, group_name, capacity_factor, spill_factor, spill_slots):
     return grad.new_empty((grad.shape[0] - spill_slots, *grad.shape[1:]))
+
+
+# ------------------------------------------------------------------------ aux-loss-free balancing
+
+_BIAS_NAMES = ("expert_bias", "e_score_correction_bias")
+
+
+def expert_bias_buffers(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Each MoE layer's router correction bias (a 1-D buffer named like DeepSeek-V3's), by layer."""
+    from mopc.passes.analysis.role_defs import layer_of
+
+    out = {}
+    for fqn, buf in model.named_buffers():
+        if fqn.rsplit(".", 1)[-1] in _BIAS_NAMES and buf.dim() == 1:
+            layer = layer_of(fqn)
+            if layer is not None:
+                out[layer] = buf
+    return out
+
+
+@torch.no_grad()
+def update_expert_bias(biases: dict[int, torch.Tensor], rate: float, edp_group: str | None) -> int:
+    """One aux-loss-free balancing step (DeepSeek-V3): bias += rate * sign(mean load - load).
+
+    The load of an expert is the number of rows routed to it in the last step over the whole
+    world: each expert-parallel group's counts (from its dispatch), summed over the groups
+    by an all-reduce over the expert-data-parallel ranks, so every rank applies the same
+    update. Returns the number of layers updated.
+    """
+    layers = [layer for layer in sorted(biases) if layer in _LOAD]
+    if not layers:
+        return 0
+    counts = torch.tensor([_LOAD[layer]["tokens_per_expert"] for layer in layers], dtype=torch.float64)
+    if edp_group is not None:
+        group = resolve_group(edp_group)
+        if group.size() > 1 and not _is_fake(group):
+            dist.all_reduce(counts, group=group)
+    for row, layer in zip(counts, layers):
+        bias = biases[layer]
+        if row.numel() != bias.numel():
+            continue
+        step = torch.sign(row.mean() - row) * rate
+        bias.add_(step.to(device=bias.device, dtype=bias.dtype))
+    return len(layers)

@@ -1,8 +1,9 @@
 """The collectives of a graph, as a table: kind, group, sizes, bytes, role, layer, pass.
 
 Read from the graph (what the compiled program *will* run), so it works on fake process
-groups at any world size; the measured counterpart for real runs is
-`mopc.runtime.comm` (the flight recorder).
+groups at any world size. Rows an expert-parallel rank receives are known only at run
+time: those sizes are counted as the rows sent (what balanced routing gives). The
+measured counterpart for real runs is `mopc.runtime.comm` (the flight recorder).
 """
 
 from __future__ import annotations
@@ -42,16 +43,38 @@ class Collective:
         return asdict(self)
 
 
+# mopc's expert-parallel exchange ops (mopc/runtime/experts.py): all-to-alls inside an op,
+# because how many rows each rank receives is known only at run time; the EP group is
+# their fourth argument.
+_EP_OPS = {"mopc.ep_dispatch", "mopc.ep_combine", "mopc.ep_lend_weights", "mopc.ep_return_grads"}
+
+
 def _kind(node: Node) -> str | None:
     if node.op != "call_function":
         return None
     name = str(node.target)
+    if name.rsplit(".", 1)[0] in _EP_OPS:
+        return "all_to_all"
     if not name.startswith("_c10d_functional."):
         return None
     return _KINDS.get(name.split(".")[1])
 
 
+def _numel(val: object, fallback: int) -> int:
+    """Elements of a value; a data-dependent size (expert dispatch) counts as `fallback`."""
+    if not isinstance(val, torch.Tensor):
+        return 0
+    try:
+        return int(val.numel())
+    except Exception:  # noqa: BLE001 - unbacked symbolic size
+        return fallback
+
+
 def _group_size(node: Node, kind: str) -> int:
+    if str(node.target).rsplit(".", 1)[0] in _EP_OPS:
+        from mopc.plan.mesh import group_size
+
+        return group_size(node.args[3])
     if kind in ("all_gather", "reduce_scatter"):
         return int(node.args[-2])
     from mopc.plan.mesh import group_size
@@ -72,11 +95,13 @@ def graph_collectives(gm: GraphModule) -> list[Collective]:
         src = node.args[0]
         val_in = src.meta.get("val") if isinstance(src, Node) else None
         val_out = node.meta.get("val")
-        numel_in = val_in.numel() if isinstance(val_in, torch.Tensor) else 0
-        numel_out = val_out.numel() if isinstance(val_out, torch.Tensor) else 0
+        numel_in = _numel(val_in, 0)
+        numel_out = _numel(val_out, numel_in)
+        numel_in = numel_in or numel_out
         size = val_out.element_size() if isinstance(val_out, torch.Tensor) else 0
+        group = node.args[3] if str(node.target).rsplit(".", 1)[0] in _EP_OPS else node.args[-1]
         out.append(Collective(
-            kind=kind, group=str(node.args[-1]), group_size=_group_size(node, kind),
+            kind=kind, group=str(group), group_size=_group_size(node, kind),
             numel_in=int(numel_in), numel_out=int(numel_out), bytes_in=int(numel_in * size),
             bytes_out=int(numel_out * size), role=node.meta.get("mopc_role", "other"),
             layer=node.meta.get("mopc_layer"), created_by=node.meta.get("mopc_created_by", "capture"),
