@@ -44,6 +44,11 @@ class MoPConfig:
     debug: bool = False
     """Run the graph verifier after every pass (also on with `MOPC_DEBUG=1`)."""
 
+    fuse_dispatch: Literal["auto", "on", "off"] = "auto"
+    """Replace each MoE layer's token dispatch and combine (sort, gathers, scatters,
+    weighted sum; forward and backward) by mopc's fused ops: Triton kernels on CUDA,
+    torch references elsewhere. `auto` fuses graphs on CUDA only."""
+
     # ------------------------------------------------------------ layout (mopc.parallelize)
 
     tp: int = 1

@@ -195,3 +195,32 @@ def test_bias_update_needs_a_correction_bias(fake_world_factory):
     with pytest.raises(MoPConfigError, match=r"needs router correction-bias buffers .*\(MoEModelConfig.router_bias=True\) or pass"):
         mopc.parallelize(model, _local(8, 0), init_fn=make_init_fn(model, 0), ep=2, expert_bias_update_rate=1e-3)
     assert all(p.is_meta for p in model.parameters())
+
+
+# ------------------------------------------------------------------------ fused dispatch (codegen)
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_fuse_dispatch_replaces_the_permutation_ops_and_keeps_the_numbers(tmp_path, mode):
+    batch = synthetic_batch(0, 2, SEQ, 128)
+    ref = build_model("tiny", seed=0)
+    ref(**batch).backward()
+    model = build_model("tiny", seed=0)
+    step = torch.compile(model, backend="mop", fullgraph=True,
+                         options={"fuse_dispatch": mode, "dump_dir": str(tmp_path)})
+    loss = step(**batch)
+    loss.backward()
+    assert loss.item() == ref(**batch).item()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), name  # same order of every sum on this model: bitwise
+    forward = next(tmp_path.glob("*/*_forward.txt")).read_text()
+    backward = next(tmp_path.glob("*/*_backward.txt")).read_text()
+    if mode == "auto":  # CPU graphs keep the traced ops (the fused ops pay off with Triton on CUDA)
+        assert "moe_dispatch_indices" not in forward and "aten.sort(" in forward
+        return
+    assert forward.count("= mopc.moe_dispatch_indices(") == 2 and "aten.sort(" not in forward
+    assert forward.count("= mopc.moe_gather_rows(") == 2 and forward.count("= mopc.moe_combine_rows(") == 2
+    assert backward.count("= mopc.moe_gather_rows(") == 2  # the routed gradient, gate-scaled
+    assert backward.count("= mopc.moe_combine_rows(") == 2  # the token gradient
+    assert backward.count("= mopc.moe_rows_dot_tokens(") == 2  # the routing-weight gradient
+    assert "aten.index_put(" not in backward

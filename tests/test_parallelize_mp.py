@@ -68,7 +68,7 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank)
 # Expert parallelism: `skew` forces every token onto experts 0 and 1 (all rows to the first
 # EP rank, the other ranks and experts 2.. get none); spilling then lends those experts.
 EP_CASES = [
-    (2, "ep=2,expert_bias_update_rate=0.001;ep=2,skew=True,expert_spill_factor=1.0,topk=1", 2),
+    (2, "ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on;ep=2,skew=True,expert_spill_factor=1.0,topk=1", 2),
     (4, "ep=4,skew=True,topk=3;ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0", 1),
 ]
 

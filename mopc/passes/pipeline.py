@@ -52,6 +52,7 @@ PIPELINE: tuple[str, ...] = (
     "annotate_roles",   # meta: roles and layers into node.meta for later passes and dumps
     "tensor_parallel",  # attention / dense MLP on local heads, tokens of the tp group
     "expert_parallel",  # routed experts on their owners; tokens travel by all-to-all
+    "fuse_dispatch",    # codegen: token dispatch/combine as fused ops (Triton on CUDA)
     "vocab_parallel_loss",  # projection + cross-entropy on vocabulary shards
     "gather_params",    # reference program: bucketed all-gather / reduce-scatter of shards
 )
@@ -64,6 +65,7 @@ def _load_passes() -> None:
     import mopc.passes.analysis.roles  # noqa: F401
     import mopc.passes.rewrite.annotate_roles  # noqa: F401
     import mopc.passes.rewrite.expert_parallel  # noqa: F401
+    import mopc.passes.rewrite.fuse_dispatch  # noqa: F401
     import mopc.passes.rewrite.gather_params  # noqa: F401
     import mopc.passes.rewrite.tensor_parallel  # noqa: F401
     import mopc.passes.rewrite.vocab_parallel  # noqa: F401
