@@ -224,3 +224,30 @@ def test_fuse_dispatch_replaces_the_permutation_ops_and_keeps_the_numbers(tmp_pa
     assert backward.count("= mopc.moe_combine_rows(") == 2  # the token gradient
     assert backward.count("= mopc.moe_rows_dot_tokens(") == 2  # the routing-weight gradient
     assert "aten.index_put(" not in backward
+
+
+# ------------------------------------------------------------------------ the ops on one rank
+
+
+def test_capacity_drops_the_last_rows_of_an_overloaded_expert():
+    """On a one-rank group the exchange is local: dispatch then combine returns the rows,
+    except those beyond an expert's capacity (in row order), which come back as zeros."""
+    import torch.distributed as dist
+
+    from mopc.plan.mesh import ensure_process_group
+
+    ensure_process_group()
+    group = dist.group.WORLD.group_name
+    counts = torch.tensor([6, 1, 0, 1])  # 8 rows, 4 experts: capacity 1.0 -> 2 rows per expert
+    x = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)
+    counts_all = counts.view(1, -1)
+    for factor, kept in ((0.0, 8), (1.0, 2), (2.0, 4)):
+        x_loc = torch.ops.mopc.ep_dispatch(x, counts, counts_all, group, factor, 0.0, 1, -1)
+        offsets = torch.ops.mopc.ep_local_offsets(counts, counts_all, group, factor, 0.0, 1)
+        back = torch.ops.mopc.ep_combine(x_loc, counts, counts_all, group, factor, 0.0, 1, 8)
+        expert0 = min(kept, 6)
+        assert x_loc.shape[0] == expert0 + 2 and offsets.tolist() == [expert0, expert0 + 1, expert0 + 1, expert0 + 2]
+        expected = x.clone()
+        expected[expert0:6] = 0  # expert 0's rows beyond its capacity
+        assert torch.equal(back, expected), factor
+    assert mopc.expert_load_stats() is not None
