@@ -7,7 +7,8 @@ of the global batch, AdamW for `steps` steps through `torch.compile(backend="mop
 gradient clipping, and, in the same process, the single-device eager model on the whole
 global batch. `skew=True` (not a mop option) forces skewed routing in both models: the
 router correction bias of experts 0 and 1 is raised so every token picks them (the first
-expert-parallel rank gets every row, experts 2.. and the other ranks none); `topk=N` builds
+expert-parallel rank gets every row, experts 2.. and the other ranks none); `skew=N` raises
+experts 0..N-1 (`skew=1` with `topk=1`: every token to expert 0); `topk=N` builds
 `tiny` with N experts per token. Rank 0 writes losses, final parameter differences, per-rank byte counts
 and gradient-norm agreement to OUT.json, and the graph dumps to OUT.json.dumps/<config>/.
 """
@@ -63,10 +64,10 @@ def _local_bytes(tensors) -> int:
     return total
 
 
-def _skew(model: torch.nn.Module) -> None:
+def _skew(model: torch.nn.Module, hot: int) -> None:
     for module in model.modules():
         if getattr(module, "expert_bias", None) is not None:
-            module.expert_bias[:2] = 1.0
+            module.expert_bias[:hot] = 1.0
 
 
 def _grad_rel_diff(grads: dict[str, torch.Tensor], ref: torch.nn.Module) -> float:
@@ -113,8 +114,9 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
     model = mopc.parallelize(model, mine(synthetic_batch(0, global_batch, SEQ, vocab)),
                              init_fn=make_init_fn(model, 0), **options)
     if skew:
-        _skew(ref)
-        _skew(model)
+        hot = 2 if skew is True else int(skew)
+        _skew(ref, hot)
+        _skew(model, hot)
     init_diff = max((a - b).abs().max().item()
                     for a, b in zip(_full_params(model).values(), _full_params(ref).values()))
     opt = torch.optim.AdamW(model.parameters(), lr=LR)

@@ -116,7 +116,7 @@ class _Rewrite:
                     (tokens if a in self.forward else grads).append(a)
                 else:
                     raise _Unsupported(f"unexpected input {a.name} ({getattr(val, 'shape', val)})")
-        unique = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
+        unique = lambda xs: list(dict.fromkeys(xs))
         self.unshards, tokens, grads, offsets = unique(unshards), unique(tokens), unique(grads), unique(offsets)
         if len(tokens) != 1 or len(offsets) != 1 or len(grads) > 1 or not self.unshards:
             raise _Unsupported(f"expected one token input, one offsets input and split weights; found "
@@ -167,7 +167,7 @@ class _Rewrite:
         return out
 
     def propagate(self) -> None:
-        val = lambda n: n.meta["val"]  # noqa: E731
+        val = lambda n: n.meta["val"]
         route = self._route_args()
         counts = torch.empty(self.num_experts, dtype=torch.int64, device=val(self.offsets).device)
         counts_all = counts.new_empty(self.ep, self.num_experts)
