@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -163,7 +164,8 @@ class _Rewrite:
                 out = op(*args)
         finally:
             shape_env.settings = settings
-        shape_env.pending_fresh_unbacked_symbols.clear()  # bound by the node we create, not a traced op
+        # The node we create binds the fresh symbol (where its value comes from at run time).
+        self.bindings[id(out)] = compute_unbacked_bindings(shape_env, out)
         return out
 
     def propagate(self) -> None:
@@ -173,6 +175,7 @@ class _Rewrite:
         counts_all = counts.new_empty(self.ep, self.num_experts)
         with self.fake_mode:
             counts, counts_all = self.fake_mode.from_tensor(counts), self.fake_mode.from_tensor(counts_all)
+        self.bindings: dict[int, Any] = {}
         self.x_loc_val = self._fake_call(mopc_ops.ep_dispatch, val(self.x), counts, counts_all, *route, -1)
         rows = self.x_loc_val.shape[0]
         self.offs_val = self._fake_call(mopc_ops.ep_local_offsets, counts, counts_all, *route)
@@ -243,6 +246,8 @@ class _Rewrite:
 
         x_loc = call(mopc_ops.ep_dispatch.default, (self.x, counts, counts_all, *route, layer if layer is not None else -1),
                      self.x_loc_val, first, saved)
+        if self.bindings.get(id(self.x_loc_val)):
+            x_loc.meta["unbacked_bindings"] = self.bindings[id(self.x_loc_val)]
         offs = call(mopc_ops.ep_local_offsets.default, (counts, counts_all, *route), self.offs_val, first, meta)
         mapping: dict[Node, Node] = {self.x: x_loc, self.offsets: offs}
         regather = {"recompute": CheckpointPolicy.MUST_RECOMPUTE, "ac_graph_id": 0} if self.reshard else {}
