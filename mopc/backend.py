@@ -68,6 +68,7 @@ class _Compilation:
         self.inputs: GraphInputs = describe_inputs(gm)
         if self.inputs.layout_config is not None:  # parameters sharded by mopc.parallelize
             config = MoPConfig.under_parallelize(self.inputs.layout_config, explicit or {})
+            config.check_expert_options()
         else:
             config.check_no_layout(explicit or {})
         self.config = config

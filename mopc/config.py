@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -104,10 +105,10 @@ class MoPConfig:
     extra experts' weights and gradients per rank)."""
 
     expert_bias_update_rate: float = 0.0
-    """Aux-loss-free load balancing (DeepSeek-V3): before each step, every MoE layer's
-    router correction bias (a buffer named `expert_bias`, `e_score_correction_bias`) moves
-    by this rate times sign(mean load - expert load), from the previous step's global
-    token counts. 0 = off."""
+    """Aux-loss-free load balancing (DeepSeek-V3): after each optimizer step, every MoE
+    layer's router correction bias (a buffer named `expert_bias`, `e_score_correction_bias`)
+    moves by this rate times sign(mean load - expert load), from the global token counts
+    of the last forward. 0 = off. Set by `mopc.parallelize` (needs `ep > 1`)."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -117,6 +118,10 @@ class MoPConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MoPConfigError(f"mop option {name}={value!r} must be a positive integer")
+        for name in ("capacity_factor", "expert_spill_factor", "expert_bias_update_rate"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise MoPConfigError(f"mop option {name}={value!r} must be a finite number")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise MoPConfigError(
                 f"mop option capacity_factor={self.capacity_factor!r} must be positive "
@@ -180,9 +185,19 @@ class MoPConfig:
                 )
         return MoPConfig.from_options({**dataclasses.asdict(base), **explicit})
 
+    def check_expert_options(self) -> None:
+        """Capacity and spilling shape the expert-parallel dispatch; without it they would do nothing."""
+        given = [f"{n}={getattr(self, n)!r}" for n in EXPERT_FIELDS if getattr(self, n) is not None]
+        if given and self.ep == 1:
+            raise MoPConfigError(
+                f"mop option(s) {', '.join(given)} act on the expert-parallel dispatch, but ep=1; pass ep > 1 "
+                "to mopc.parallelize or drop them"
+            )
+
     def check_no_layout(self, explicit: Mapping[str, Any]) -> None:
         """Layout options on a model `mopc.parallelize` did not shard would do nothing: refuse."""
-        given = [n for n in LAYOUT_FIELDS if n in explicit and explicit[n] != getattr(MoPConfig(), n)]
+        given = [n for n in (*LAYOUT_FIELDS, *EXPERT_FIELDS)
+                 if n in explicit and explicit[n] != getattr(MoPConfig(), n)]
         if given:
             listed = ", ".join(f"{n}={explicit[n]!r}" for n in given)
             raise MoPConfigError(
@@ -200,8 +215,12 @@ class MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})
 
 
-LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel", "ep")
-"""Fields fixed by `mopc.parallelize` (how parameters are sharded at rest)."""
+LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel", "ep", "expert_bias_update_rate")
+"""Fields fixed by `mopc.parallelize` (how parameters are sharded at rest, and the
+balancing hook it installs)."""
+
+EXPERT_FIELDS = ("capacity_factor", "expert_spill_factor")
+"""Fields that act on the expert-parallel dispatch: they need `ep > 1`."""
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -245,4 +264,4 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         raise MoPConfigError(f"mop option {name}={value!r} must be a {hint.__name__}")
 
 
-__all__ = ["LAYOUT_FIELDS", "MoPConfig", "MoPConfigError"]
+__all__ = ["EXPERT_FIELDS", "LAYOUT_FIELDS", "MoPConfig", "MoPConfigError"]

@@ -98,6 +98,7 @@ def parallelize(
             "mopc.parallelize: the model is on the meta device; pass init_fn=(fqn, tensor) -> values "
             "(for mopc's models: mopc.models.make_init_fn(model, seed))"
         )
+    config.check_expert_options()
     if config.expert_bias_update_rate > 0 and spec.ep == 1:
         raise MoPConfigError(
             f"mop option expert_bias_update_rate={config.expert_bias_update_rate} balances the expert-parallel "

@@ -71,12 +71,19 @@ def _skew(model: torch.nn.Module, hot: int) -> None:
 
 
 def _grad_rel_diff(grads: dict[str, torch.Tensor], ref: torch.nn.Module) -> float:
-    """Largest gradient difference per tensor, relative to the tensor's largest element, or to
-    1e-3 of the largest element of any gradient when the tensor's own gradient is smaller:
-    a gradient that is mathematically zero (the router of a top-1 model with normalized
-    weights) is fp32 rounding noise in both runs and has no scale of its own."""
-    floor = 1e-3 * max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
-    return max(((grads[k] - p.grad).abs().max() / max(p.grad.abs().max().item(), floor)).item()
+    """Largest gradient difference per tensor, relative to the tensor's largest element.
+
+    A gradient that is mathematically zero (the router of a top-1 model with normalized
+    weights: d(s/s)/ds = 0) is fp32 rounding noise in both runs, with no scale of its own;
+    such a tensor (largest element under 1e-6 of the largest of any gradient) is measured
+    against 1e-3 of that largest gradient instead."""
+    top = max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
+
+    def scale(g: torch.Tensor) -> float:
+        own = g.abs().max().item()
+        return own if own >= 1e-6 * top else 1e-3 * top
+
+    return max(((grads[k] - p.grad).abs().max() / scale(p.grad)).item()
                for k, p in ref.named_parameters() if p.grad is not None)
 
 

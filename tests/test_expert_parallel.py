@@ -170,6 +170,9 @@ def _dense_tiny():
         (8, {"expert_spill_slots": 0}, r"expert_spill_slots=0 must be a positive integer"),
         (8, {"expert_bias_update_rate": 1e-3}, r"expert_bias_update_rate=0.001 .* but ep=1; pass ep > 1"),
         (8, {"ep": 2, "expert_bias_update_rate": -1.0}, r"expert_bias_update_rate=-1.0 must be >= 0"),
+        (8, {"ep": 2, "capacity_factor": float("inf")}, r"capacity_factor=inf must be a finite number"),
+        (8, {"expert_spill_factor": 1.25}, r"expert_spill_factor=1.25 act on the expert-parallel dispatch, but "
+                                           r"ep=1; pass ep > 1"),
     ],
 )
 def test_bad_expert_options_fail_before_anything_is_allocated(fake_world_factory, world, options, message):

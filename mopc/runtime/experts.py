@@ -109,7 +109,7 @@ class RoutePlan:
 def _intersect(src_lo: int, src_hi: int, ranges: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int]]:
     """Cut [src_lo, src_hi) of an expert's global row order by destination ranges."""
     out = []
-    for lo, hi, dst, slot in ranges:
+    for lo, hi, dst, slot in sorted(ranges):
         a, b = max(lo, src_lo), min(hi, src_hi)
         if b > a:
             out.append((dst, slot, b - a))
@@ -128,7 +128,7 @@ def route_plan(counts_all: tuple[tuple[int, ...], ...], capacity_factor: float, 
         kept = [min(t, cap) for t in totals]
     else:
         kept = list(totals)
-    owner_rows = [kept[e] for e in range(num_experts)]  # rows still at the owner, per expert
+    owner_rows = list(kept)  # rows still at the owner, per expert
     load = [sum(owner_rows[q * e_loc:(q + 1) * e_loc]) for q in range(ep)]
     owner_load = tuple(load)
     # borrowed ranges per expert: (lo, hi, dst, slot), carved from the end of the owner's range
@@ -242,8 +242,7 @@ def _regroup_index(plan: RoutePlan, rank: int, device: torch.device) -> tuple[to
     segs = plan.recv_slots(rank)
     starts = _running([(0, n) for _, n in segs])
     order = sorted(range(len(segs)), key=lambda i: segs[i][0])
-    recv_splits = [sum(n for d, _, n in (seg for segs_e in plan.segments[s] for seg in segs_e) if d == rank)
-                   for s in range(plan.ep)]
+    recv_splits = [sum(n for segs_e in plan.segments[s] for d, _, n in segs_e if d == rank) for s in range(plan.ep)]
     return _index([(starts[i], segs[i][1]) for i in order], device), recv_splits
 
 
@@ -270,7 +269,7 @@ def ep_dispatch(x: torch.Tensor, counts: torch.Tensor, counts_all: torch.Tensor,
         _record(layer, plan)
     send_idx, send_splits, identity = _send_index(plan, rank, counts.tolist(), x.device)
     regroup, recv_splits = _regroup_index(plan, rank, x.device)
-    sent = x if identity else x.index_select(0, send_idx)
+    sent = x if identity and x.shape[0] == sum(send_splits) else x.index_select(0, send_idx)
     received = _all_to_all(sent, recv_splits, send_splits, group)
     return received.index_select(0, regroup)
 
@@ -291,7 +290,7 @@ def ep_combine(y: torch.Tensor, counts: torch.Tensor, counts_all: torch.Tensor, 
     regroup, recv_splits = _regroup_index(plan, rank, y.device)
     arrival = torch.empty_like(y).index_copy_(0, regroup, y) if y.shape[0] else y
     back = _all_to_all(arrival, send_splits, recv_splits, group)
-    if identity:
+    if identity and num_rows == back.shape[0]:
         return back
     out = y.new_zeros((num_rows, *y.shape[1:]))
     return out.index_copy_(0, send_idx, back)
@@ -341,8 +340,8 @@ def ep_lend_weights(w: torch.Tensor, counts: torch.Tensor, counts_all: torch.Ten
     sent = w[[e for _, _, e in sends]] if sends else w.new_empty((0, *w.shape[1:]))
     received = _all_to_all(sent, recv_splits, send_splits, group)
     extra = w.new_zeros((spill_slots, *w.shape[1:]))
-    for row, (_, i) in enumerate(arrivals):
-        extra[i] = received[row]
+    if arrivals:
+        extra[[i for _, i in arrivals]] = received
     return torch.cat([w, extra])
 
 
@@ -402,7 +401,9 @@ def update_expert_bias(biases: dict[int, torch.Tensor], rate: float, edp_group: 
     layers = [layer for layer in sorted(biases) if layer in _LOAD]
     if not layers:
         return 0
-    counts = torch.tensor([_LOAD[layer]["tokens_per_expert"] for layer in layers], dtype=torch.float64)
+    device = next(iter(biases.values())).device  # NCCL groups reduce device tensors only
+    counts = torch.tensor([_LOAD[layer]["tokens_per_expert"] for layer in layers], dtype=torch.float64,
+                          device=device)
     if edp_group is not None:
         group = resolve_group(edp_group)
         if group.size() > 1 and not _is_fake(group):

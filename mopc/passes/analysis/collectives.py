@@ -2,7 +2,8 @@
 
 Read from the graph (what the compiled program *will* run), so it works on fake process
 groups at any world size. Rows an expert-parallel rank receives are known only at run
-time: those sizes are counted as the rows sent (what balanced routing gives). The
+time: those sizes are counted as the rows sent (what balanced routing gives), and a
+spilling lend/return as its whole [local + borrowed experts] tensor (an upper bound). The
 measured counterpart for real runs is `mopc.runtime.comm` (the flight recorder).
 """
 

@@ -50,6 +50,8 @@ mopc_ops = torch.ops.mopc
 
 # Ops taking the number of expert groups as an argument: (op, argument index).
 _GROUP_COUNT_ARGS = {"mopc::grouped_mm_weight_grad": 3}
+# Grouped matmuls whose third operand is the cumulative row ends per expert.
+_OFFSET_OPERAND_OPS = frozenset({"mopc::grouped_mm", "mopc::grouped_mm_weight_grad", "aten::_grouped_mm"})
 
 
 class _Unsupported(Exception):
@@ -125,6 +127,8 @@ class _Rewrite:
         self.x, self.offsets = tokens[0], offsets[0]
         self.grad_y = grads[0] if grads else None
         self.num_experts = int(self.offsets.meta["val"].shape[0])
+        self._check_offsets()
+        self._check_order()
         self.num_rows = int(self.x.meta["val"].shape[0])
         self.local_experts = self.num_experts // self.ep
         self.num_slots = self.local_experts + (self.slots if self.spill > 0 else 0)
@@ -148,6 +152,36 @@ class _Rewrite:
         for node, reduce in self.weight_grads:
             if reduce.args[1] != 0 or reduce.args[2] != self.ep:
                 raise _Unsupported(f"gradient {node.name} is not reduced as an expert-split weight")
+
+    def _check_offsets(self) -> None:
+        """The 1-D integer input must be grouped_mm offsets (cumulative row ends per expert):
+        int32, one per expert of every weight, and read only as the `offs` operand."""
+        val = self.offsets.meta["val"]
+        if val.dtype != torch.int32:
+            raise _Unsupported(f"{self.offsets.name} ({val.dtype}) is not int32 grouped_mm offsets")
+        for u in self.unshards:
+            if int(u.args[1][0]) != self.num_experts:
+                raise _Unsupported(f"{u.name} has {u.args[1][0]} experts but the offsets {self.num_experts}")
+        for user in self.offsets.users:
+            if user not in self.members:
+                continue
+            name = user.target.name() if hasattr(user.target, "name") else str(user.target)
+            operand = 2 if name.split(".")[0] in _OFFSET_OPERAND_OPS else None
+            if operand is None or user.args[operand] is not self.offsets or self.offsets in user.args[:operand]:
+                raise _Unsupported(f"the offsets feed {user.name} ({name}), not a grouped matmul's offs")
+
+    def _check_order(self) -> None:
+        """The counts exchange goes right after the offsets are computed: the token input and
+        (when spilling lends weights) the weights must first be used after that."""
+        if self.offsets.op != "call_function":
+            raise _Unsupported(f"the offsets {self.offsets.name} are a graph input")
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        defined = order[self.offsets]
+        late = [self.x] + (self.unshards if self.spill > 0 else [])
+        for src in late:
+            uses = [order[u] for u in src.users if u in self.members]
+            if uses and min(uses) < defined:
+                raise _Unsupported(f"{src.name} is used by the experts before the offsets exist")
 
     # ------------------------------------------------------------------ fake values
 
@@ -223,7 +257,11 @@ class _Rewrite:
     def commit(self) -> None:
         graph = self.gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
-        first = min(self.block.nodes, key=order.__getitem__)
+
+        def first_use(*sources: Node) -> Node:
+            """The earliest block node reading any of `sources` (inserted nodes go before it)."""
+            return min((u for src in sources for u in src.users if u in self.members), key=order.__getitem__)
+
         layer = self.block.layer
         meta = {"mopc_role": "dispatch", "mopc_layer": layer}
         saved = {**meta, "recompute": CheckpointPolicy.MUST_SAVE, "ac_graph_id": 0}
@@ -236,7 +274,11 @@ class _Rewrite:
             everyone = c10d.wait_tensor(c10d.all_gather_into_tensor(counts, ep, group))
             return counts, everyone.view(ep, num_experts)
 
-        counts, counts_all = insert_traced(graph, exchange_counts, [self.offsets], before=first, meta=saved)
+        # right after the offsets exist, before any expert node reads the tokens or lent weights
+        counts, counts_all = insert_traced(graph, exchange_counts, [self.offsets], before=self.offsets.next,
+                                           meta=saved)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = first_use(self.x, self.offsets)
 
         def call(op, args: tuple, val: Any, before: Node, node_meta: dict) -> Node:
             with graph.inserting_before(before):
@@ -255,9 +297,9 @@ class _Rewrite:
         for u, (chunk_val, ext_val) in self.chunk_vals.items():
             chunk = call(mopc_ops.unshard.default, (u.args[0], list(chunk_val.shape), 0, 1, self.edp_group),
                          chunk_val, u, {k: v for k, v in u.meta.items() if k != "val"})
-            if self.spill > 0:
-                chunk = call(mopc_ops.ep_lend_weights.default, (chunk, counts, counts_all, *route), ext_val, first,
-                             {**expert_meta, **regather})
+            if self.spill > 0:  # after the counts (`_check_order`), before the weight's first use
+                chunk = call(mopc_ops.ep_lend_weights.default, (chunk, counts, counts_all, *route), ext_val,
+                             first_use(u), {**expert_meta, **regather})
             mapping[u] = chunk
         if self.grad_y is not None:
             first_use = min((u for u in self.grad_y.users if u in self.members), key=order.__getitem__)
@@ -277,7 +319,7 @@ class _Rewrite:
             if node is None:
                 continue
             outside = [u for u in node.users if u not in self.members]
-            back_val = self.x.meta["val"].new_empty((self.num_rows, *node.meta["val"].shape[1:]))
+            back_val = node.meta["val"].new_empty((self.num_rows, *node.meta["val"].shape[1:]))
             with graph.inserting_after(node):
                 back = graph.call_function(mopc_ops.ep_combine.default,
                                            (node, counts, counts_all, *route, self.num_rows))
@@ -330,7 +372,8 @@ def expert_parallel(gm: GraphModule, ctx, *, ep: int, tp: int, capacity_factor: 
     world_group = unshards[0].args[4]
     meshes = find_meshes(world_group, tp, ep)
     if meshes is None:
-        log.info("expert_parallel: no ep=%d mesh for group %s; skipped", ep, world_group)
+        log.warning("expert_parallel: no ep=%d mesh for group %s; experts keep the reference layout "
+                    "(gathered over the world)", ep, world_group)
         return gm
     forward_names = ctx.result("classify_roles").forward_nodes
     forward = {n for n in gm.graph.nodes if n.name in forward_names}

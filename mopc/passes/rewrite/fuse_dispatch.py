@@ -15,14 +15,17 @@ each side in one op (Triton on CUDA, the torch reference elsewhere):
     sum(g * y[inverse], -1)                  -> moe_rows_dot_tokens(y, g, perm, k)
     index_put(0, [order // k], gx)           -> moe_combine_rows(gx, perm, 1, T, k)
 
-Each replacement computes the same values (the permutation is the same stable order; the
-sums over k run in the same slot order; scatter-add accumulations may reassociate) and is
-applied where its pattern matches; what does not match stays as traced.
+Each replacement computes the same values in fp32 (the permutation is the same stable
+order; the sums over k run in the same slot order; scatter-add accumulations may
+reassociate; in bf16 the gate product is rounded once, from fp32) and is applied where its
+pattern matches and the new value has the old one's shape and dtype; what does not match
+stays as traced.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -53,6 +56,17 @@ def _val(node: Node) -> torch.Tensor:
     return node.meta["val"]
 
 
+def _replace(old: Node, new: Node) -> bool:
+    """Rewire `old`'s users to `new` when both compute a tensor of the same shape and dtype
+    (otherwise the pattern only looked alike; the unused new nodes are dropped later)."""
+    a, b = old.meta.get("val"), new.meta.get("val")
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype):
+        return False
+    old.replace_all_uses_with(new)
+    return True
+
+
 def _meta(node: Node) -> dict:
     return {k: node.meta[k] for k in ("mopc_role", "mopc_layer") if k in node.meta}
 
@@ -63,12 +77,14 @@ class _Site:
     def __init__(self, sort: Node) -> None:
         self.sort = sort
         self.ids = sort.args[0]
-        self.order = _one([u for u in sort.users if _is(u, _getitem()) and u.args[1] == 1])
+        self.order = _one([u for u in sort.users if _is(u, operator.getitem) and u.args[1] == 1])
         self.fused: list[str] = []
 
     def match(self) -> bool:
         ids, order = self.ids, self.order
         if order is None or not isinstance(ids, Node) or _val(ids).dim() != 1 or _val(ids).is_floating_point():
+            return False
+        if self.sort.kwargs.get("descending", False) or self.sort.kwargs.get("dim", -1) not in (-1, 0):
             return False
         self.slots = int(_val(ids).shape[0])
         self.div = _one([u for u in _users(order, aten.floor_divide.default) if isinstance(u.args[1], int)])
@@ -76,7 +92,9 @@ class _Site:
             return False
         self.top_k = int(self.div.args[1])
         self.tokens = self.slots // self.top_k
-        counts = _one([u for u in _users(ids, aten.scatter_add.default) if u.args[2] is ids])
+        counts = _one([u for u in _users(ids, aten.scatter_add.default)
+                       if u.args[1] == 0 and u.args[2] is ids and _is(u.args[3], aten.ones_like.default)
+                       and _is(u.args[0], aten.zeros.default)])
         cumsum = _one(_users(counts, aten.cumsum.default)) if counts is not None else None
         self.offsets = _one([u for u in _users(cumsum, aten._to_copy.default)
                              if u.kwargs.get("dtype") == torch.int32]) if cumsum is not None else None
@@ -96,22 +114,25 @@ class _Site:
             graph, lambda ids: mopc_ops.moe_dispatch_indices(ids, e, 1), [self.ids], before=self.sort,
             meta=_meta(self.sort))
         self.perm = perm
-        self.offsets.replace_all_uses_with(offsets)
-        self.counts.replace_all_uses_with(counts)
+        if not (_replace(self.offsets, offsets) and _replace(self.counts, counts)):
+            return
         self.fused.append("indices")
         k = self.top_k
         for index in [u for u in _users(self.div, aten.index.Tensor) if u.args[1] == [self.div]]:
             x = index.args[0]
+            if _val(x).dim() != 2 or int(_val(x).shape[0]) != self.tokens:
+                continue
             new = insert_traced(graph, lambda x, p: mopc_ops.moe_gather_rows(x, p, k, None), [x, perm],
                                 before=index, meta=_meta(index))
-            index.replace_all_uses_with(new)
-            self.fused.append("gather")
+            if _replace(index, new):
+                self.fused.append("gather")
         for put in _users(self.div, aten.index_put.default):
             if self._is_accumulate_into_zeros(put, self.div):
                 self._fuse_grad_x(graph, put)
         if self.inverse is not None:
             self._fuse_combine(graph)
-        self.order.replace_all_uses_with(perm)  # what is left (e.g. a user-visible order) reads perm
+        if self.fused:  # what is left (e.g. a user-visible order) reads perm, the same stable order
+            self.order.replace_all_uses_with(perm)
 
     def _is_accumulate_into_zeros(self, put: Node, index: Node) -> bool:
         args = put.args
@@ -124,9 +145,11 @@ class _Site:
         def scatter_back(gx: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
             return mopc_ops.moe_combine_rows(gx, p, gx.new_ones(p.shape[0]), t, k)
 
+        if _val(put.args[2]).dim() != 2:
+            return
         new = insert_traced(graph, scatter_back, [put.args[2], self.perm], before=put, meta=_meta(put))
-        put.replace_all_uses_with(new)
-        self.fused.append("grad_x")
+        if _replace(put, new):
+            self.fused.append("grad_x")
 
     def _fuse_combine(self, graph) -> None:
         k, t = self.top_k, self.tokens
@@ -140,17 +163,17 @@ class _Site:
                     continue
                 w_tk = weight.args[0]
                 total = _one([u for u in _users(mul, aten.sum.dim_IntList) if list(u.args[1]) == [1]])
-                if total is None or list(_val(w_tk).shape) != [t, k]:
-                    continue
                 y = index.args[0]
+                if total is None or list(_val(w_tk).shape) != [t, k] or _val(y).dim() != 2:
+                    continue
 
                 def combine(y: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                     return mopc_ops.moe_combine_rows(y, p, w.reshape(-1).to(y.dtype), t, k)
 
                 new = insert_traced(graph, combine, [y, self.perm, w_tk], before=total, meta=_meta(total))
-                total.replace_all_uses_with(new)
-                self.fused.append("combine")
-                self._fuse_combine_backward(graph, view, weight, w_tk, y)
+                if _replace(total, new):
+                    self.fused.append("combine")
+                    self._fuse_combine_backward(graph, view, weight, w_tk, y)
 
     def _fuse_combine_backward(self, graph, view: Node, weight: Node, w_tk: Node, y: Node) -> None:
         k, t = self.top_k, self.tokens
@@ -163,14 +186,15 @@ class _Site:
                 continue
             grad = prod.args[0] if prod.args[1] is weight else prod.args[1]
             source = self._grad_source(grad)
-            if source is None:
+            if source is None or _val(source).dim() != 2:
                 continue
 
             def gather_grad(g: torch.Tensor, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return mopc_ops.moe_gather_rows(g, p, k, w.reshape(-1).to(g.dtype))
 
             new = insert_traced(graph, gather_grad, [source, self.perm, w_tk], before=put, meta=_meta(put))
-            put.replace_all_uses_with(new)
+            if not _replace(put, new):
+                continue
             self.fused.append("grad_y")
             for mul in _users(grad, aten.mul.Tensor):  # g * y[inverse] summed over D: the weight gradient
                 if view not in mul.args:
@@ -185,10 +209,8 @@ class _Site:
 
                 new_w = insert_traced(graph, weight_grad, [y, source, self.perm], before=squeeze,
                                       meta=_meta(squeeze))
-                if _val(new_w).dtype != _val(squeeze).dtype:
-                    continue
-                squeeze.replace_all_uses_with(new_w)
-                self.fused.append("grad_weights")
+                if _replace(squeeze, new_w):
+                    self.fused.append("grad_weights")
 
     def _is_accumulate_into_zeros_rows(self, put: Node) -> bool:
         args = put.args
@@ -203,12 +225,6 @@ class _Site:
         if not (_is(unsq, aten.unsqueeze.default) and unsq.args[1] == 1):
             return None
         return unsq.args[0]
-
-
-def _getitem():
-    import operator
-
-    return operator.getitem
 
 
 def _wants(config) -> bool:
