@@ -76,7 +76,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- train
 
 _TRAIN_FLAGS = frozenset({"model", "steps", "seed", "batch", "seq_len", "lr", "backend", "baseline", "json",
-                          "quiet", "nproc", "compile_baseline", "verbose"})
+                          "quiet", "nproc", "compile_baseline", "verbose", "skew_experts"})
 """Trainer flags; a MoPConfig field of the same name would be shadowed (and is not generated)."""
 
 _MOP_DEST = "mop__"
@@ -164,7 +164,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(model=args.model, steps=args.steps, seed=args.seed, batch=args.batch,
                          seq_len=args.seq_len or _default_seq_len(args.model), lr=args.lr, backend=args.backend, baseline=args.baseline,
                          compile_baseline=args.compile_baseline, json_path=args.json, quiet=args.quiet,
-                         mop_options=options)
+                         skew_experts=args.skew_experts, mop_options=options)
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -220,7 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"mopc train: {err}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"\nmopc train: {settings.model}, {settings.program} (runs as {report['config']['runs_as']}), "
-              f"{report['world_size']} rank(s), global batch [{settings.batch}, {settings.seq_len}]")
+              f"{report['world_size']} rank(s), global batch [{settings.batch}, {settings.seq_len}]"
+              + (f", routing skewed to experts 0..{settings.skew_experts - 1}" if settings.skew_experts else ""))
         print(format_table(report))
         dump_dir = settings.mop_options.get("dump_dir")
         if dump_dir and settings.program == "mop":
@@ -253,8 +254,19 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write the report here (rank 0): config, losses, memory, comm bytes, step time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--skew-experts", type=_non_negative, default=0, metavar="N",
+                   help="force skewed routing: every token picks among experts 0..N-1 (router correction bias "
+                        "+1.0 on them; top_k <= N <= num_experts), the same for mop and the baselines "
+                        "(default: 0, the model's own routing)")
     add_mop_options(p)
     p.set_defaults(fn=cmd_train)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:

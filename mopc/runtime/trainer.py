@@ -13,9 +13,17 @@ can be compared step by step. The data is learnable on purpose (arithmetic token
 sequences over the first 256 tokens: each starts at a random token and steps by a random
 stride), so the loss visibly falls within a few steps.
 
+Forced skew (`--skew-experts N`): the preset is built with a router correction bias and,
+before the first step and identically for every program, the bias of experts 0..N-1 is
+set to +1.0 (0 elsewhere). Router scores lie in [0, 1], so every token picks its top_k
+experts among those N: the worst case for expert parallelism (with `ep` ranks and
+N <= E / ep, the first rank of every EP group owns every routed row).
+
 Each step is measured per rank: memory by category (`mopc.runtime.memory`), collective
 bytes (`mopc.runtime.comm`) and wall time. Rank 0 gathers the results, prints a table and
-writes the JSON report.
+writes the JSON report. When a MoE layer ran expert-parallel, the report's `expert_load`
+holds, per layer, rank 0's `mopc.expert_load_stats()` for the last step (rows per EP
+rank, imbalance max/mean with and without spilling, dropped rows, lent experts).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ __all__ = [
     "format_table",
     "rank_batch",
     "run_training",
+    "skew_routing",
     "synthetic_batch",
     "write_json",
 ]
@@ -125,6 +134,10 @@ class TrainSettings:
     """Compile the baseline with `aot_eager` (else run it eagerly)."""
     json_path: str | None = None
     quiet: bool = False
+    skew_experts: int = 0
+    """0 = the model's own routing. N > 0: build the preset with a router correction bias
+    and raise it by 1.0 for experts 0..N-1, so every token picks among those N experts
+    (top_k <= N <= num_experts). Applied identically to mop and the baselines."""
     mop_options: dict[str, Any] = field(default_factory=dict)
     """The `mopc.MoPConfig` fields the user set (only those)."""
 
@@ -165,6 +178,14 @@ class TrainSettings:
         if limit is not None and self.seq_len > limit:
             raise TrainSettingsError(f"--seq-len {self.seq_len} exceeds the {self.model} model's max_seq_len "
                                      f"{limit}; use --seq-len {limit} or less")
+        preset = PRESETS.get(self.model)
+        if self.skew_experts and preset is not None and not preset.top_k <= self.skew_experts <= preset.num_experts:
+            raise TrainSettingsError(
+                f"--skew-experts {self.skew_experts}: every token of the {self.model} model picks "
+                f"top_k={preset.top_k} of its {preset.num_experts} experts, so the number of favoured experts "
+                f"must be from {preset.top_k} to {preset.num_experts}; use --skew-experts "
+                f"{preset.top_k}..{preset.num_experts}, or 0 for the model's own routing"
+            )
         if self.program == "mop":  # the mesh against the world, before torchrun starts any rank
             from mopc.config import MoPConfig, MoPConfigError
             from mopc.plan.mesh import MeshSpec
@@ -209,15 +230,42 @@ def _mop_compile_options(settings: TrainSettings, rank: int) -> dict[str, Any]:
     return options
 
 
+def _model_config(settings: TrainSettings) -> Any:
+    """The preset's MoEModelConfig; with `skew_experts`, with the router correction bias on."""
+    import dataclasses
+
+    from mopc.models import PRESETS
+
+    config = PRESETS[settings.model]
+    return dataclasses.replace(config, router_bias=True) if settings.skew_experts else config
+
+
+@torch.no_grad()
+def skew_routing(model: nn.Module, num_favoured: int) -> int:
+    """Set every router's correction bias to +1.0 for experts 0..num_favoured-1 and 0 for
+    the others, so every token picks among the favoured experts. Returns the routers set."""
+    from mopc.models import Router
+
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    for router in routers:
+        if router.expert_bias is None:
+            raise ValueError("skew_routing: a router has no expert_bias; build the model with router_bias=True")
+        router.expert_bias.zero_()
+        router.expert_bias[:num_favoured] = 1.0
+    return len(routers)
+
+
 def _build_mop(settings: TrainSettings, rank: int, world: int) -> Program:
     import mopc
     from mopc.models import build_model, make_init_fn
 
-    model = build_model(settings.model, device="meta", seed=settings.seed)
+    model = build_model(_model_config(settings), device="meta", seed=settings.seed)
     example = rank_batch(0, settings.batch, settings.seq_len, model.config.vocab_size, settings.seed,
                          rank, world)
     layout = {k: v for k, v in settings.mop_options.items() if k != "dump_dir"}
     model = mopc.parallelize(model, example, init_fn=make_init_fn(model, settings.seed), **layout)
+    if settings.skew_experts:  # buffers are plain, materialised tensors after parallelize
+        skew_routing(model, settings.skew_experts)
     compiled = torch.compile(model, backend="mop", options=_mop_compile_options(settings, rank))
     return Program(module=model, step_fn=compiled, runs_as="mop")
 
@@ -231,7 +279,9 @@ def build_program(settings: TrainSettings, rank: int, world: int) -> Program:
     if settings.program == "mop":
         program = _build_mop(settings, rank, world)
     else:
-        model = build_model(settings.model, device="cpu", seed=settings.seed)
+        model = build_model(_model_config(settings), device="cpu", seed=settings.seed)
+        if settings.skew_experts:
+            skew_routing(model, settings.skew_experts)
         if settings.program == "eager":
             program = Program(module=model, step_fn=model, runs_as="eager")
         else:
@@ -322,6 +372,8 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     step_seconds = [max(p["step_seconds"][i] for p in per_rank) for i in range(settings.steps)]
     comm_per_rank = [int(statistics.median(_steady(p["comm_bytes"]))) for p in per_rank]
     last_comm = records[-1].comm
+    expert_load = _expert_load(settings) if rank == 0 else None
+    expert_load = _gather(expert_load, world)[0]  # rank 0's, so every rank returns the same report
     return {
         "config": {**asdict(settings), "program": settings.program, "runs_as": program.runs_as},
         "world_size": world,
@@ -335,6 +387,7 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "comm_bytes_source": COMM_BYTES_SOURCE if all(p["comm_complete"] for p in per_rank) or world == 1
         else "incomplete: " + COMM_BYTES_SOURCE,
         "comm_by_kind_last_step": last_comm.by_kind,
+        "expert_load": expert_load,
         "step_time_s": statistics.median(_steady(step_seconds)),
         "step_seconds": step_seconds,
         "first_step_s": step_seconds[0],
@@ -342,6 +395,17 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "num_params": sum(p.numel() for p in program.module.parameters()),
         "torch": torch.__version__,
     }
+
+
+def _expert_load(settings: TrainSettings) -> dict[str, dict] | None:
+    """This rank's EP group's routing in the last step, per MoE layer (keys: layer index as
+    a string, for JSON); None when no layer ran expert-parallel."""
+    if settings.program != "mop":
+        return None
+    from mopc.runtime.experts import expert_load_stats
+
+    stats = expert_load_stats()
+    return {str(layer): value for layer, value in stats.items()} or None
 
 
 def _vocab_size(module: nn.Module) -> int:
@@ -369,7 +433,23 @@ def format_table(report: dict[str, Any]) -> str:
         f"step {report['step_time_s']:.3f}s (median after the first; first {report['first_step_s']:.1f}s); "
         f"comm {report['comm_bytes_per_step'] / 2**20:.2f} MiB sent per rank per step"
     )
+    if report.get("expert_load"):
+        lines += ["", *format_expert_load(report["expert_load"])]
     return "\n".join(lines)
+
+
+def format_expert_load(expert_load: dict[str, dict]) -> list[str]:
+    """Per MoE layer: routed rows each EP rank computed, and max/mean with and without spilling."""
+    ep = len(next(iter(expert_load.values()))["rows_per_rank"])
+    lines = [f"expert load, last step (rank 0's expert-parallel group of {ep}; imbalance = max/mean rows per rank)",
+             f"{'layer':>5}  {'rows per EP rank':<28} {'imbalance':>9} {'without spill':>13} {'dropped':>7}  lent"]
+    for layer, s in expert_load.items():
+        rows = " ".join(str(r) for r in s["rows_per_rank"])
+        lent = ", ".join(f"rank {q}: {[e for e in slots if e >= 0]}" for q, slots in enumerate(s["lent_experts"])
+                         if any(e >= 0 for e in slots)) or "-"
+        lines.append(f"{layer:>5}  {rows:<28} {s['imbalance']:>9.2f} {s['imbalance_without_spill']:>13.2f} "
+                     f"{s['dropped_rows']:>7}  {lent}")
+    return lines
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
