@@ -71,8 +71,9 @@ class _Compilation:
             config.check_expert_options()
         else:
             config.check_no_layout(explicit or {})
-        self.config = config
         self.lowering = resolve_lowering(config, example_inputs)
+        # the resolved lowering, so passes that depend on it (fuse_dispatch) are chosen by it
+        self.config = config = config.replace(lowering=self.lowering)
         self.pipeline: Pipeline = build_pipeline(config)
         self.writer: DumpWriter | None = None
 

@@ -48,7 +48,8 @@ class MoPConfig:
     fuse_dispatch: Literal["auto", "on", "off"] = "auto"
     """Replace each MoE layer's token dispatch and combine (sort, gathers, scatters,
     weighted sum; forward and backward) by mopc's fused ops: Triton kernels on CUDA,
-    torch references elsewhere. `auto` fuses graphs on CUDA only."""
+    torch references elsewhere. `auto` fuses when the graphs are lowered by Inductor
+    (CUDA inputs)."""
 
     # ------------------------------------------------------------ layout (mopc.parallelize)
 

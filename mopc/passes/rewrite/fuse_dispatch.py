@@ -228,27 +228,24 @@ class _Site:
 
 
 def _wants(config) -> bool:
-    return config.fuse_dispatch != "off"
+    """`on`, or `auto` when the graphs go to Inductor (CUDA inputs), where the Triton kernels run."""
+    return config.fuse_dispatch == "on" or (config.fuse_dispatch == "auto" and config.lowering == "inductor")
 
 
-@register_pass(kind="rewrite", requires=("annotate_roles",), enabled=_wants,
-               options_from_config=lambda c: {"mode": c.fuse_dispatch})
-def fuse_dispatch(gm: GraphModule, ctx, *, mode: str) -> GraphModule:
+@register_pass(kind="rewrite", requires=("annotate_roles",), enabled=_wants)
+def fuse_dispatch(gm: GraphModule, ctx) -> GraphModule:
     """Fuse each MoE layer's token dispatch and combine (forward and backward) into codegen ops.
 
     Algorithm:
-    1. with `mode="auto"`, only graphs whose tensors live on CUDA (where the Triton
-       kernels run) are rewritten; `on` rewrites on any device (the torch references);
+    1. (in the pipeline with `fuse_dispatch="on"`, or `auto` when the graphs are lowered
+       by Inductor, i.e. CUDA inputs: the Triton kernels run there, the torch references
+       elsewhere);
     2. find every stable sort of a flat int tensor whose order is floor-divided by an int
        k (the token of each routed slot): one dispatch site per MoE layer;
     3. replace the sort/scatter_add/cumsum indices, the token gather, the weighted combine
        and, in backward, the gradient scatters and the routing-weight gradient by the
        fused ops, each where its pattern matches, and drop what is left unused.
     """
-    if mode == "auto":
-        vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-        if not any(isinstance(v, torch.Tensor) and v.is_cuda for v in vals):
-            return gm
     sites = [_Site(n) for n in gm.graph.nodes if _is(n, aten.sort.stable) and n.kwargs.get("stable", False)]
     done = []
     for site in sites:
