@@ -226,13 +226,15 @@ class _Rewrite:
             env[self.grad_y] = val(self.grad_y).new_empty((rows, *val(self.grad_y).shape[1:]))
         self.new_vals: dict[Node, Any] = {}
         self.new_args: dict[Node, tuple] = {}
+
+        def fake(a: Any) -> Any:  # a node's value on the new shapes (or as traced, outside the block)
+            return env.get(a, self.new_vals.get(a, a.meta.get("val"))) if isinstance(a, Node) else a
+
         for node in self.block.nodes:
             args = self._args(node)
             self.new_args[node] = args
-            fake_args = tree_map(lambda a: env.get(a, self.new_vals.get(a, a.meta.get("val")))
-                                 if isinstance(a, Node) else a, args)
-            fake_kwargs = tree_map(lambda a: env.get(a, self.new_vals.get(a, a.meta.get("val")))
-                                   if isinstance(a, Node) else a, dict(node.kwargs))
+            fake_args = tree_map(fake, args)
+            fake_kwargs = tree_map(fake, dict(node.kwargs))
             try:
                 with self.fake_mode:
                     self.new_vals[node] = node.target(*fake_args, **fake_kwargs)
