@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import MEMORY_ROWS, max_rel_diff, mib, render
 
 CONFIGS = ("mop", "mop_tp2", "fsdp2", "ddp")  # mop_tp2: mop with --tp 2 (tensor-parallel attention/MLP)
 DEFAULT_CONFIGS = ("mop", "fsdp2", "ddp")
-MEMORY_ROWS = (("params", "params"), ("grads", "grads"), ("optimizer", "optimizer"),
-               ("activations (peak)", "activations_peak"), ("peak", "peak"), ("peak RSS", "peak_rss"))
 
 
 def run_config(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
@@ -63,19 +62,11 @@ def run_config(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, 
     return report
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
-
-
 def _per_rank(report: dict[str, Any], key: str) -> str:
     """max over ranks, with the min in parentheses when ranks differ (MiB)."""
     values = [m[key] for m in report["memory"]["per_rank"]]
     hi, lo = max(values), min(values)
-    return _mib(hi) if hi == lo else f"{_mib(hi)} ({_mib(lo)})"
-
-
-def _max_rel_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+    return mib(hi) if hi == lo else f"{mib(hi)} ({mib(lo)})"
 
 
 def format_comparison(runs: dict[str, dict[str, Any]]) -> str:
@@ -90,16 +81,12 @@ def format_comparison(runs: dict[str, dict[str, Any]]) -> str:
     rows += [
         ("final loss", [f"{runs[n]['losses'][-1]:.4f}" if n in ok else "-" for n in names]),
         ("max rel. loss diff vs " + (next(iter(ok)) if ok else "-"),
-         [f"{_max_rel_diff(runs[n]['losses'], ref['losses']):.1e}" if n in ok and ref else "-" for n in names]),
-        ("comm MiB sent/rank/step", [_mib(runs[n]["comm_bytes_per_step"]) if n in ok else "-" for n in names]),
+         [f"{max_rel_diff(runs[n]['losses'], ref['losses']):.1e}" if n in ok and ref else "-" for n in names]),
+        ("comm MiB sent/rank/step", [mib(runs[n]["comm_bytes_per_step"]) if n in ok else "-" for n in names]),
         ("step time s (median)", [f"{runs[n]['step_time_s']:.2f}" if n in ok else "-" for n in names]),
         ("first step s (compile)", [f"{runs[n]['first_step_s']:.1f}" if n in ok else "-" for n in names]),
     ]
-    width = max(len(r[0]) for r in rows)
-    col = max(14, *(len(v) for _, vals in rows for v in vals))
-    lines = [f"{'':{width}}  " + "  ".join(f"{n:>{col}}" for n in names)]
-    lines += [f"{label:{width}}  " + "  ".join(f"{v:>{col}}" for v in vals) for label, vals in rows]
-    return "\n".join(lines)
+    return render(names, rows, min_col=14)
 
 
 def main(argv: list[str] | None = None) -> int:

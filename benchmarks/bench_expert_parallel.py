@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _report import MEMORY_ROWS, max_rel_diff, mib, render
 
 BALANCED = ("mop", "mop_ep", "fsdp2", "ddp")
 SKEWED = ("mop_ep_skew", "mop_ep_skew_spill", "fsdp2_skew")
 CONFIGS = BALANCED + SKEWED
-MEMORY_ROWS = (("params", "params"), ("grads", "grads"), ("optimizer", "optimizer"),
-               ("activations (peak)", "activations_peak"), ("peak", "peak"), ("peak RSS", "peak_rss"))
 
 
 def train_flags(name: str, args: argparse.Namespace) -> list[str]:
@@ -110,18 +109,10 @@ def spill_check(report: dict[str, Any], factor: float) -> dict[str, Any]:
 # ------------------------------------------------------------------------ tables
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
-
-
-def _max_min(values: list[float], fmt=_mib) -> str:
+def _max_min(values: list[float], fmt=mib) -> str:
     """max over ranks, with the min in parentheses when ranks differ."""
     hi, lo = max(values), min(values)
     return fmt(hi) if fmt(hi) == fmt(lo) else f"{fmt(hi)} ({fmt(lo)})"
-
-
-def _max_rel_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
 def _load(report: dict[str, Any]) -> dict[str, dict] | None:
@@ -160,22 +151,18 @@ def format_comparison(runs: dict[str, dict[str, Any]], ref_name: str | None) -> 
         rows.append(row(f"{label} MiB/rank", lambda r, k=key: _max_min([m[k] for m in r["memory"]["per_rank"]])))
     rows += [
         row("comm MiB sent/rank/step", lambda r: _max_min(r["comm_bytes_per_rank"])),
-        row("  rank 0 all-to-all MiB", lambda r: _mib(r["comm_by_kind_last_step"].get("all_to_all", {})
+        row("  rank 0 all-to-all MiB", lambda r: mib(r["comm_by_kind_last_step"].get("all_to_all", {})
                                                       .get("bytes_sent", 0))),
         row("step time s (median)", lambda r: f"{r['step_time_s']:.2f}"),
         row("first step s (compile)", lambda r: f"{r['first_step_s']:.1f}"),
         row("final loss", lambda r: f"{r['losses'][-1]:.4f}"),
         row(f"max rel. loss diff vs {ref_name}",
-            lambda r: f"{_max_rel_diff(r['losses'], ref['losses']):.1e}" if ref else "-"),
+            lambda r: f"{max_rel_diff(r['losses'], ref['losses']):.1e}" if ref else "-"),
         row("rows per EP rank", _rows_first_layer),
         row("imbalance max/mean", lambda r: _imbalance(r, "imbalance")),
         row("  without spilling", lambda r: _imbalance(r, "imbalance_without_spill")),
     ]
-    width = max(len(r[0]) for r in rows)
-    col = max(12, *(len(n) for n in names), *(len(v) for _, vals in rows for v in vals))
-    lines = [f"{'':{width}}  " + "  ".join(f"{n:>{col}}" for n in names)]
-    lines += [f"{label:{width}}  " + "  ".join(f"{v:>{col}}" for v in vals) for label, vals in rows]
-    return "\n".join(lines)
+    return render(names, rows, min_col=12, fit_names=True)
 
 
 def format_per_rank(runs: dict[str, dict[str, Any]],
@@ -185,13 +172,9 @@ def format_per_rank(runs: dict[str, dict[str, Any]],
     if not names:
         return ""
     world = len(runs[names[0]]["memory"]["per_rank"])
-    rows = [(f"{label}, rank {rank}", [_mib(runs[n]["memory"]["per_rank"][rank][key]) for n in names])
+    rows = [(f"{label}, rank {rank}", [mib(runs[n]["memory"]["per_rank"][rank][key]) for n in names])
             for label, key in keys for rank in range(world)]
-    width = max(len(r[0]) for r in rows)
-    col = max(12, *(len(n) for n in names))
-    lines = [f"{'MiB':{width}}  " + "  ".join(f"{n:>{col}}" for n in names)]
-    lines += [f"{label:{width}}  " + "  ".join(f"{v:>{col}}" for v in vals) for label, vals in rows]
-    return "\n".join(lines)
+    return render(names, rows, min_col=12, corner="MiB", fit_names=True, fit_values=False)
 
 
 def main(argv: list[str] | None = None) -> int:
