@@ -111,6 +111,30 @@ class MoPConfig:
     moves by this rate times sign(mean load - expert load), from the global token counts
     of the last forward. 0 = off. Set by `mopc.parallelize` (needs `ep > 1`)."""
 
+    # ------------------------------------------------------------ gradient compression
+
+    grad_compression: Literal["none", "skip_idle", "int8", "fp8", "powersgd"] = "none"
+    """How expert gradients are reduced over the ranks holding the same experts.
+    `none`: reduce-scatter in full precision. `skip_idle` (exact): experts no rank of the
+    group used this step send nothing. `int8` / `fp8`: per-block scaled quantization
+    (`grad_compression_block` values per fp32 scale) with an error-feedback residual.
+    `powersgd`: rank-`powersgd_rank` factorization with error feedback and warm start.
+    All but `skip_idle` change the numbers: opt in (docs/user_guide.md states the tolerance)."""
+
+    grad_compression_scope: Literal["experts", "all"] = "experts"
+    """Which gradients `grad_compression` applies to: routed experts' only, or every
+    sharded gradient (dense ones too; 1-D ones stay uncompressed for `skip_idle` and
+    `powersgd`)."""
+
+    grad_compression_block: int = 256
+    """Values per quantization scale for `int8` / `fp8`."""
+
+    powersgd_rank: int = 4
+    """Rank of the PowerSGD factorization (bytes per step grow linearly with it)."""
+
+    powersgd_warmup_steps: int = 10
+    """Backward passes reduced uncompressed before PowerSGD starts."""
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -138,8 +162,34 @@ class MoPConfig:
                 f"mop option expert_bias_update_rate={self.expert_bias_update_rate!r} must be >= 0 "
                 "(e.g. 1e-3; 0 = off)"
             )
+        for name in ("grad_compression_block", "powersgd_rank"):
+            if getattr(self, name) < 1:
+                raise MoPConfigError(f"mop option {name}={getattr(self, name)!r} must be a positive integer")
+        if self.powersgd_warmup_steps < 0:
+            raise MoPConfigError(
+                f"mop option powersgd_warmup_steps={self.powersgd_warmup_steps!r} must be >= 0 (0 = no warm-up)")
+        self._check_compression_options()
         if self.bucket_mb < 0:
             raise MoPConfigError(f"mop option bucket_mb={self.bucket_mb!r} must be >= 0 (0 = no bucketing)")
+
+    def _check_compression_options(self) -> None:
+        """A compression sub-option that the chosen mode never reads would do nothing: refuse."""
+        default = MoPConfig.__dataclass_fields__
+        used_by = {"grad_compression_scope": ("skip_idle", "int8", "fp8", "powersgd"),
+                   "grad_compression_block": ("int8", "fp8"),
+                   "powersgd_rank": ("powersgd",), "powersgd_warmup_steps": ("powersgd",)}
+        for name, modes in used_by.items():
+            value = getattr(self, name)
+            if value != default[name].default and self.grad_compression not in modes:
+                raise MoPConfigError(
+                    f"mop option {name}={value!r} acts only with grad_compression in {modes}, but "
+                    f"grad_compression={self.grad_compression!r}; set grad_compression or drop {name}"
+                )
+        import torch
+
+        if self.grad_compression == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+            raise MoPConfigError("mop option grad_compression='fp8' needs torch.float8_e4m3fn, which this "
+                                 "torch build lacks; use grad_compression='int8'")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | MoPConfig | None) -> MoPConfig:

@@ -54,6 +54,7 @@ PIPELINE: tuple[str, ...] = (
     "expert_parallel",  # routed experts on their owners; tokens travel by all-to-all
     "fuse_dispatch",    # codegen: token dispatch/combine as fused ops (Triton on CUDA)
     "vocab_parallel_loss",  # projection + cross-entropy on vocabulary shards
+    "compress_grads",   # opt-in: expert (or all) gradient reductions from compressed messages
     "gather_params",    # reference program: bucketed all-gather / reduce-scatter of shards
 )
 ROLES_ANNOTATED_BY = "annotate_roles"
@@ -64,6 +65,7 @@ def _load_passes() -> None:
     import mopc.passes.analysis.costs  # noqa: F401
     import mopc.passes.analysis.roles  # noqa: F401
     import mopc.passes.rewrite.annotate_roles  # noqa: F401
+    import mopc.passes.rewrite.compress_grads  # noqa: F401
     import mopc.passes.rewrite.expert_parallel  # noqa: F401
     import mopc.passes.rewrite.fuse_dispatch  # noqa: F401
     import mopc.passes.rewrite.gather_params  # noqa: F401

@@ -40,7 +40,8 @@ from typing import Any
 
 log = logging.getLogger("mopc")
 
-__all__ = ["COMM_BYTES_SOURCE", "CommCounter", "CommStats", "count_comm_bytes", "enable_flight_recorder"]
+__all__ = ["COMM_BYTES_SOURCE", "CommCounter", "CommStats", "count_comm_bytes", "enable_flight_recorder",
+           "mesh_axes"]
 
 COMM_BYTES_SOURCE = ("measured: the flight recorder's record of every collective each ProcessGroup ran, "
                      "bytes sent per rank under ring/pairwise algorithms (mopc/runtime/comm.py)")
@@ -105,6 +106,9 @@ class CommStats:
     bytes_sent: int = 0
     num_collectives: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_axis: dict[str, int] = field(default_factory=dict)
+    """Bytes sent per mesh axis and kind, keyed `axis:kind` (e.g. `edp:all_to_all`); the axis
+    is the name the counter was given for the process group (`other` when unknown)."""
     complete: bool = True
     """False when the recorder's ring buffer dropped records (raise TORCH_FR_BUFFER_SIZE)."""
 
@@ -133,11 +137,15 @@ def _group_size(pg_name: str, cache: dict[str, int]) -> int:
 
 
 class CommCounter:
-    """Counts the collectives this process ran between `mark()` and `since_mark()`."""
+    """Counts the collectives this process ran between `mark()` and `since_mark()`.
 
-    def __init__(self) -> None:
+    `axes` names process groups (`{group_name: "edp"}`; `mesh_axes()` gives mopc's) so that
+    `by_axis` can tell, say, expert-gradient reductions from dense ones."""
+
+    def __init__(self, axes: dict[str, str] | None = None) -> None:
         self._last_record = self._latest_record_id()
         self._group_sizes: dict[str, int] = {}
+        self.axes = dict(axes or {})
 
     @staticmethod
     def _latest_record_id() -> int:
@@ -162,7 +170,8 @@ class CommCounter:
             log.warning("flight recorder dropped records; raise TORCH_FR_BUFFER_SIZE for exact comm bytes")
         for e in entries:
             kind = _kind(e.get("profiling_name", ""))
-            size = _group_size(str(e["process_group"][0]), self._group_sizes)
+            pg_name = str(e["process_group"][0])
+            size = _group_size(pg_name, self._group_sizes)
             payload = _tensor_bytes(e.get("input_sizes") or [], e.get("input_dtypes") or [])
             sent = bytes_sent(kind, payload, size)
             stats.bytes_sent += sent
@@ -171,9 +180,25 @@ class CommCounter:
             slot["count"] += 1
             slot["input_bytes"] += payload
             slot["bytes_sent"] += sent
+            axis = f"{self.axes.get(pg_name, 'other')}:{kind}"
+            stats.by_axis[axis] = stats.by_axis.get(axis, 0) + sent
         if entries:
             self._last_record = entries[-1]["record_id"]
         return stats
+
+
+def mesh_axes() -> dict[str, str]:
+    """Process-group name -> mesh axis (`world`, `dp`, `tp`, `ep`, `edp`) of every mesh mopc built.
+
+    A group that is several axes at once (with ep=1 the expert-data-parallel group is the
+    world) takes the most general name: world, then dp, tp, ep, edp."""
+    from mopc.plan.mesh import _MESHES
+
+    axes: dict[str, str] = {}
+    for meshes in _MESHES.values():
+        for axis in ("edp", "ep", "tp", "dp", "world"):
+            axes[getattr(meshes, f"{axis}_group")] = axis
+    return axes
 
 
 def count_comm_bytes(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, CommStats]:

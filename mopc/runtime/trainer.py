@@ -48,6 +48,7 @@ from mopc.runtime.comm import (
     CommCounter,
     CommStats,
     enable_flight_recorder,
+    mesh_axes,
 )
 from mopc.runtime.memory import MemoryTracker
 
@@ -299,6 +300,16 @@ class _StepRecord:
     loss: float
     seconds: float
     comm: CommStats
+    compression: dict[str, float] | None = None
+    """This step's compressed gradient reductions: bytes sent, bytes uncompressed, residual."""
+
+
+def _compression_delta(before: dict, after: dict) -> dict[str, float] | None:
+    if after["calls"] == before["calls"]:
+        return None
+    return {"bytes_sent": after["bytes_sent"] - before["bytes_sent"],
+            "bytes_uncompressed": after["bytes_uncompressed"] - before["bytes_uncompressed"],
+            "residual_norm": after["residual_norm"], "input_norm": after["input_norm"]}
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:
@@ -313,10 +324,14 @@ def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.opt
                  tracker: MemoryTracker, rank: int, world: int, vocab: int) -> list[_StepRecord]:
     bar = Progress(settings.steps, f"train {settings.model} ({program.runs_as}, {world} rank"
                    f"{'s' if world > 1 else ''})") if rank == 0 and not settings.quiet else None
-    counter = CommCounter()
+    from mopc.runtime.compression import compression_stats, reset_compression_state
+
+    reset_compression_state()  # a fresh run: no residual from an earlier one in this process
+    counter = CommCounter(mesh_axes())
     records = []
     for step in range(settings.steps):
         data = rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank, world)
+        compressed = compression_stats()
         counter.mark()
         start = time.perf_counter()
         with tracker.step():
@@ -326,7 +341,8 @@ def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.opt
             optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         comm = counter.since_mark()
-        records.append(_StepRecord(loss=_global_mean(loss, world), seconds=seconds, comm=comm))
+        records.append(_StepRecord(loss=_global_mean(loss, world), seconds=seconds, comm=comm,
+                                   compression=_compression_delta(compressed, compression_stats())))
         if bar:
             bar.update(step + 1, loss=f"{records[-1].loss:.4f}", step_s=f"{seconds:.2f}")
     return records
@@ -367,6 +383,8 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     per_rank = _gather({"memory": tracker.report(),
                         "step_seconds": [r.seconds for r in records],
                         "comm_bytes": [r.comm.bytes_sent for r in records],
+                        "comm_by_axis": [r.comm.by_axis for r in records],
+                        "compression": [r.compression for r in records],
                         "comm_complete": all(r.comm.complete for r in records)}, world)
     # A step ends when its slowest rank ends: take the max over ranks, then the median over steps.
     step_seconds = [max(p["step_seconds"][i] for p in per_rank) for i in range(settings.steps)]
@@ -387,6 +405,8 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "comm_bytes_source": COMM_BYTES_SOURCE if all(p["comm_complete"] for p in per_rank) or world == 1
         else "incomplete: " + COMM_BYTES_SOURCE,
         "comm_by_kind_last_step": last_comm.by_kind,
+        "comm_by_axis_per_step": _by_axis_per_step(per_rank),
+        "grad_compression": _compression_report(settings, per_rank),
         "expert_load": expert_load,
         "step_time_s": statistics.median(_steady(step_seconds)),
         "step_seconds": step_seconds,
@@ -394,6 +414,38 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "build_s": program.build_seconds,
         "num_params": sum(p.numel() for p in program.module.parameters()),
         "torch": torch.__version__,
+    }
+
+
+def _by_axis_per_step(per_rank: list[dict]) -> dict[str, int]:
+    """Bytes sent per `axis:kind` in a step: the max over ranks, median over the steps after the first."""
+    keys = sorted({k for p in per_rank for step in p["comm_by_axis"] for k in step})
+    steps = len(per_rank[0]["comm_by_axis"])
+    return {k: int(statistics.median(_steady([max(p["comm_by_axis"][i].get(k, 0) for p in per_rank)
+                                              for i in range(steps)]))) for k in keys}
+
+
+def _compression_report(settings: TrainSettings, per_rank: list[dict]) -> dict[str, Any] | None:
+    """`grad_compression`'s bytes per step (max over ranks) and error-feedback residual per step."""
+    mode = settings.mop_options.get("grad_compression", "none") if settings.program == "mop" else "none"
+    if mode == "none":
+        return None
+    steps = len(per_rank[0]["compression"])
+
+    def per_step(field: str) -> list[float]:
+        return [max((p["compression"][i] or {}).get(field, 0) for p in per_rank) for i in range(steps)]
+
+    sent, uncompressed = per_step("bytes_sent"), per_step("bytes_uncompressed")
+    last_sent, last_uncompressed = sent[-1], uncompressed[-1]
+    return {
+        "mode": mode,
+        "bytes_sent_per_step": [int(b) for b in sent],
+        "bytes_uncompressed_per_step": [int(b) for b in uncompressed],
+        "ratio_last_step": last_uncompressed / last_sent if last_sent else None,
+        "residual_norm": per_step("residual_norm"),
+        "input_norm": per_step("input_norm"),
+        "source": "bytes of the tensors each compressed reduction sent (mopc/runtime/compression.py); "
+                  "uncompressed = the reduce-scatter it replaces; norms: max over ranks",
     }
 
 
@@ -433,6 +485,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"step {report['step_time_s']:.3f}s (median after the first; first {report['first_step_s']:.1f}s); "
         f"comm {report['comm_bytes_per_step'] / 2**20:.2f} MiB sent per rank per step"
     )
+    compression = report.get("grad_compression")
+    if compression:
+        ratio = compression["ratio_last_step"]
+        lines.append(
+            f"grad_compression={compression['mode']}: {compression['bytes_sent_per_step'][-1] / 2**20:.3f} MiB "
+            f"sent per rank in the last step for {compression['bytes_uncompressed_per_step'][-1] / 2**20:.3f} MiB "
+            f"uncompressed ({ratio:.1f}x fewer); error-feedback residual {compression['residual_norm'][-1]:.3g} "
+            f"(input {compression['input_norm'][-1]:.3g})" if ratio else
+            f"grad_compression={compression['mode']}: nothing sent in the last step")
     if report.get("expert_load"):
         lines += ["", *format_expert_load(report["expert_load"])]
     return "\n".join(lines)

@@ -48,6 +48,11 @@ class Collective:
 # because how many rows each rank receives is known only at run time; the EP group is
 # their fourth argument.
 _EP_OPS = {"mopc.ep_dispatch", "mopc.ep_combine", "mopc.ep_lend_weights", "mopc.ep_return_grads"}
+# The compressed gradient reduction (mopc/runtime/compression.py): an all-to-all of codes or
+# rows, or PowerSGD's all-reduces; its group is the fourth argument too. The bytes listed are
+# the gradient's (uncompressed) size: what travels is known only at run time.
+_COMPRESSED = "mopc.compressed_reduce_grad"
+_GROUP_ARG3 = _EP_OPS | {_COMPRESSED}
 
 
 def _kind(node: Node) -> str | None:
@@ -56,6 +61,8 @@ def _kind(node: Node) -> str | None:
     name = str(node.target)
     if name.rsplit(".", 1)[0] in _EP_OPS:
         return "all_to_all"
+    if name.rsplit(".", 1)[0] == _COMPRESSED:
+        return "all_reduce" if node.args[4] == "powersgd" else "all_to_all"
     if not name.startswith("_c10d_functional."):
         return None
     return _KINDS.get(name.split(".")[1])
@@ -72,7 +79,7 @@ def _numel(val: object, fallback: int) -> int:
 
 
 def _group_size(node: Node, kind: str) -> int:
-    if str(node.target).rsplit(".", 1)[0] in _EP_OPS:
+    if str(node.target).rsplit(".", 1)[0] in _GROUP_ARG3:
         from mopc.plan.mesh import group_size
 
         return group_size(node.args[3])
@@ -100,7 +107,7 @@ def graph_collectives(gm: GraphModule) -> list[Collective]:
         numel_out = _numel(val_out, numel_in)
         numel_in = numel_in or numel_out
         size = val_out.element_size() if isinstance(val_out, torch.Tensor) else 0
-        group = node.args[3] if str(node.target).rsplit(".", 1)[0] in _EP_OPS else node.args[-1]
+        group = node.args[3] if str(node.target).rsplit(".", 1)[0] in _GROUP_ARG3 else node.args[-1]
         out.append(Collective(
             kind=kind, group=str(group), group_size=_group_size(node, kind),
             numel_in=int(numel_in), numel_out=int(numel_out), bytes_in=int(numel_in * size),
