@@ -13,10 +13,11 @@ from mopc.analysis import Analysis, analyze
 from mopc.backend import mop
 from mopc.config import MoPConfig, MoPConfigError
 from mopc.parallelize import parallelize, plan_of
+from mopc.runtime.compression import compression_stats
 from mopc.runtime.experts import expert_load_stats
 
-__all__ = ["Analysis", "MoPConfig", "MoPConfigError", "analyze", "expert_load_stats", "mop", "parallelize",
-           "plan_of"]
+__all__ = ["Analysis", "MoPConfig", "MoPConfigError", "analyze", "compression_stats", "expert_load_stats", "mop",
+           "parallelize", "plan_of"]
 __version__ = "0.1.0"
 
 

@@ -184,6 +184,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         "bias_moved": max((b.abs().max().item() for b in _biases(ref)), default=0.0) if not skew else None,
         "top_k": config.top_k,
         "expert_load": {str(k): v for k, v in mopc.expert_load_stats().items()},
+        "compression": mopc.compression_stats(),
     }
 
 

@@ -33,11 +33,13 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 
 # One launch per world size runs several configurations. Expert-parallel ones: `skew`
 # forces every token onto experts 0 and 1 (`skew=1`: expert 0 only), so the first EP
-# rank gets every row and the other ranks and experts none; spilling then lends experts.
+# rank gets every row and the other ranks and experts none; spilling then lends experts,
+# and `grad_compression=skip_idle` (exact) reduces only the used experts' gradients.
 CASES = [
     (2, "tp=1,loss_chunk_tokens=16;tp=2;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on;"
         "ep=2,skew=1,expert_spill_factor=1.0,topk=1", 2),
-    (4, "tp=2;ep=4,skew=True,topk=3;ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0", 1),
+    (4, "tp=2;ep=4,skew=True,topk=3;"
+        "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle", 1),
 ]
 
 
@@ -74,6 +76,10 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank)
             assert len(sdpa) == 3 and all(shapes in line for line in sdpa), sdpa
         if r["options"].get("ep", 1) > 1:
             _check_expert_parallel(r, name, forward)
+        if r["options"].get("grad_compression"):
+            assert "= mopc.compressed_reduce_grad(" in _dump_text(out, index, "backward"), name
+            stats = r["compression"]  # idle experts sent nothing: fewer bytes than reduce-scatters
+            assert 0 < stats["bytes_sent"] < stats["bytes_uncompressed"] and stats["residual_norm"] == 0, stats
 
 
 def _check_expert_parallel(r: dict, name: str, forward: str) -> None:

@@ -222,12 +222,14 @@ def _skip_idle(grad, gathered, chunk_dim, num_chunks, group, world, me, state) -
     active = flags.to(torch.uint8).view(rows, *([1] * (grad.dim() - 1))).expand(grad.shape)
     mask = full_to_gathered(active, chunk_dim, num_chunks, world).view(world, -1).bool()
     lens = mask.sum(1).tolist()
+    out = gathered.new_zeros(gathered.shape[1])
+    state.input_norm = float(gathered.norm())
+    if not sum(lens):  # no expert used anywhere in the group (every flag agrees): nothing to send
+        return out, bytes_sent("all_reduce", rows * 4, world)
     send = gathered[mask]  # row-major: destination 0's values first
     recv = send.new_empty(world * lens[me])
     dist.all_to_all_single(recv, send, [lens[me]] * world, lens, group=group)
-    out = gathered.new_zeros(gathered.shape[1])
     out[mask[me]] = recv.view(world, lens[me]).sum(0) / world
-    state.input_norm = float(gathered.norm())
     sent = (sum(lens) - lens[me]) * gathered.element_size() + bytes_sent("all_reduce", rows * 4, world)
     return out, sent
 
