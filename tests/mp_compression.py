@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import sys
 
+import torch.distributed as dist
+
 from mopc.runtime.trainer import TrainSettings, run_training
 
 
 def main() -> None:
     out, modes, steps = sys.argv[1], sys.argv[2].split(";"), int(sys.argv[3])
+    # one process group for every run (run_training creates and destroys one only when none exists)
+    dist.init_process_group("gloo")
     ep = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     reports = {}
     for mode in modes:
@@ -26,11 +30,10 @@ def main() -> None:
         settings = TrainSettings(model="tiny", steps=steps, batch=4, seq_len=16, quiet=True, skew_experts=2,
                                  mop_options=options)
         reports[mode] = run_training(settings)
-    import torch.distributed as dist
-
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(reports, f)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

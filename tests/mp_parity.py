@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import mopc
+import mopc.runtime.compression
 from mopc.models import PRESETS, build_model, make_init_fn
 from mopc.runtime.trainer import synthetic_batch
 
@@ -107,6 +108,7 @@ def _count_routing(model: torch.nn.Module) -> dict:
 
 def run(options: dict, steps: int, dump_dir: str | None) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
+    mopc.runtime.compression.reset_compression_state()  # this configuration's compressed reductions only
     options = dict(options)
     skew = options.pop("skew", False)
     config = dataclasses.replace(PRESETS["tiny"], top_k=options.pop("topk", PRESETS["tiny"].top_k))

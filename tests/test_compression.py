@@ -105,35 +105,22 @@ def _backward_collectives(tmp_path, world: int, **options) -> tuple[list[dict], 
     return index["backward"]["collectives"], next(folder.glob("*_backward.txt")).read_text()
 
 
-def test_expert_gradients_reduce_from_int8_codes_over_the_expert_data_parallel_group(tmp_path, fake_world_factory):
+def test_expert_gradients_reduce_over_their_group_and_dense_matrices_over_the_world(tmp_path, fake_world_factory):
     fake_world_factory(8, 0)
-    collectives, text = _backward_collectives(tmp_path, 8, ep=2, grad_compression="int8")
-    compressed = [c for c in collectives if c["created_by"] == "compress_grads"]
-    # w1, w2, w3 of both MoE layers, each over the 4 ranks holding the same experts
-    assert len(compressed) == 6 and {(c["kind"], c["role"], c["group_size"]) for c in compressed} == \
-        {("all_to_all", "expert", 4)}
-    assert text.count("= mopc.compressed_reduce_grad(") == 6 and "'int8'" in text
-    assert not [c for c in collectives if c["kind"] == "reduce_scatter" and c["role"] == "expert"]
-    dense = [c for c in collectives if c["kind"] == "reduce_scatter"]
-    assert dense and all(c["group_size"] == 8 for c in dense), "dense gradients keep the reduce-scatter"
-
-
-def test_scope_all_compresses_dense_matrices_but_not_vectors(tmp_path, fake_world_factory):
-    fake_world_factory(4, 0)
-    collectives, text = _backward_collectives(tmp_path, 4, grad_compression="powersgd",
+    collectives, text = _backward_collectives(tmp_path, 8, ep=2, grad_compression="powersgd",
                                               grad_compression_scope="all")
     compressed = [c for c in collectives if c["created_by"] == "compress_grads"]
-    assert {c["kind"] for c in compressed} == {"all_reduce"}
-    assert {c["role"] for c in compressed} >= {"expert", "attention", "embedding"}
-    # the norms' 1-D weights (and the router bias) have no matrix to factor: reduce-scattered as before
-    assert [c for c in collectives if c["kind"] == "reduce_scatter"]
-    assert "'powersgd'" in text
-
-
-def test_nothing_to_compress_when_every_rank_owns_its_experts(tmp_path, fake_world_factory):
-    fake_world_factory(4, 0)
-    collectives, text = _backward_collectives(tmp_path, 4, ep=4, grad_compression="skip_idle")
-    assert "compressed_reduce_grad" not in text  # ep = world: expert gradients need no reduction
+    assert {c["kind"] for c in compressed} == {"all_reduce"} and "'powersgd'" in text
+    # w1, w2, w3 of both MoE layers, each over the 4 ranks holding the same experts
+    experts = [c for c in compressed if c["role"] == "expert"]
+    assert len(experts) == 6 and {c["group_size"] for c in experts} == {4}
+    assert not [c for c in collectives if c["kind"] == "reduce_scatter" and c["role"] == "expert"]
+    # scope="all": dense matrices too, over the world
+    dense = [c for c in compressed if c["role"] != "expert"]
+    assert {c["role"] for c in dense} >= {"attention", "embedding", "dense_mlp"}
+    assert {c["group_size"] for c in dense} == {8}
+    # 1-D weights (norms) have no matrix to factor: still bucketed reduce-scatters
+    assert [c for c in collectives if c["kind"] == "reduce_scatter" and c["role"] == "norm"]
 
 
 # ------------------------------------------------------------------------ bad options

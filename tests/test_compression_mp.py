@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-STEPS = 4
+STEPS = 3
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,8 @@ def reports(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("compression") / "reports.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-           str(HERE / "mp_compression.py"), str(out), "none;skip_idle;int8;fp8;powersgd", str(STEPS)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           str(HERE / "mp_compression.py"), str(out), "none;skip_idle;int8;powersgd", str(STEPS)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
@@ -57,7 +57,7 @@ def test_skip_idle_is_exact_and_sends_only_the_used_experts(reports):
     assert "world:all_gather" in none["comm_by_axis_per_step"]
 
 
-@pytest.mark.parametrize(("mode", "min_ratio"), [("int8", 3.5), ("fp8", 3.5), ("powersgd", 6.0)])
+@pytest.mark.parametrize(("mode", "min_ratio"), [("int8", 3.5), ("powersgd", 6.0)])
 def test_lossy_modes_send_fewer_bytes_and_keep_a_bounded_residual(reports, mode, min_ratio):
     none, ours = reports["none"], reports[mode]
     stats = ours["grad_compression"]
@@ -68,6 +68,8 @@ def test_lossy_modes_send_fewer_bytes_and_keep_a_bounded_residual(reports, mode,
     for step in compressed_steps:
         residual, given = stats["residual_norm"][step], stats["input_norm"][step]
         assert math.isfinite(residual) and 0 < residual < given, (step, stats)
+        # the group mean of the residuals (what the update misses) is no larger than the largest one
+        assert 0 < stats["mean_residual_norm"][step] <= residual * (1 + 1e-6), (step, stats)
     if mode != "powersgd":  # quantization loses at most half a code step per value: ~1% here
         assert max(stats["residual_norm"]) < 0.05 * min(stats["input_norm"])
     # the same training within the compression's own error over a few steps

@@ -53,8 +53,8 @@ from mopc.runtime.ownership import full_to_gathered
 
 log = logging.getLogger("mopc.compression")
 
-__all__ = ["MODES", "compression_stats", "dequantize_blocks", "fold_matrix", "orthonormalize",
-           "quantize_blocks", "reset_compression_state"]
+__all__ = ["MODES", "compression_stats", "dequantize_blocks", "fold_matrix", "mean_residual_norm",
+           "orthonormalize", "quantize_blocks", "reset_compression_state"]
 
 MODES = ("skip_idle", "int8", "fp8", "powersgd")
 EXACT_MODES = ("skip_idle",)
@@ -140,6 +140,7 @@ def orthonormalize(p: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _State:
     mode: str
+    group_name: str = ""
     steps: int = 0
     residual: torch.Tensor | None = None
     q: torch.Tensor | None = None
@@ -186,6 +187,28 @@ def compression_stats() -> dict:
         "residual_norm": math.sqrt(sum(s.residual_norm ** 2 for s in _STATES.values())),
         "input_norm": math.sqrt(sum(s.input_norm ** 2 for s in _STATES.values())),
     }
+
+
+def mean_residual_norm() -> float:
+    """Norm of the group-mean error-feedback residual, over every compressed tensor (collective).
+
+    Each rank's residual is its own gradient minus a share of the group's compressed mean, so
+    rank-to-rank differences (which cancel in every sum the next step sends) accumulate in
+    it; what the update actually misses is the mean over the group. This all-reduces every
+    residual once: a diagnostic (for `mopc train` and benchmarks, outside the measured step),
+    to be called on every rank in step.
+    """
+    total = 0.0
+    for key in sorted(_STATES):
+        state = _STATES[key]
+        if state.residual is None:
+            continue
+        group = resolve_group(state.group_name)
+        mean = state.residual.clone()
+        if not _is_fake(group):
+            dist.all_reduce(mean, group=group)
+        total += float((mean / group.size()).norm()) ** 2
+    return math.sqrt(total)
 
 
 def reset_compression_state() -> None:
@@ -290,7 +313,7 @@ def compressed_reduce_grad(grad: torch.Tensor, chunk_dim: int, num_chunks: int, 
     gathered = full_to_gathered(grad, chunk_dim, num_chunks, world).view(world, -1)
     if _is_fake(group):  # the fake group moves no data: shapes only
         return gathered.new_zeros(gathered.shape[1])
-    state = _STATES.setdefault(key, _State(mode))
+    state = _STATES.setdefault(key, _State(mode, group_name))
     state.steps += 1
     uncompressed = _rs_bytes(gathered.shape[1], world, gathered.element_size())
     if mode == "skip_idle":

@@ -307,9 +307,12 @@ class _StepRecord:
 def _compression_delta(before: dict, after: dict) -> dict[str, float] | None:
     if after["calls"] == before["calls"]:
         return None
+    from mopc.runtime.compression import mean_residual_norm
+
     return {"bytes_sent": after["bytes_sent"] - before["bytes_sent"],
             "bytes_uncompressed": after["bytes_uncompressed"] - before["bytes_uncompressed"],
-            "residual_norm": after["residual_norm"], "input_norm": after["input_norm"]}
+            "residual_norm": after["residual_norm"], "input_norm": after["input_norm"],
+            "mean_residual_norm": mean_residual_norm()}
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:
@@ -443,9 +446,13 @@ def _compression_report(settings: TrainSettings, per_rank: list[dict]) -> dict[s
         "bytes_uncompressed_per_step": [int(b) for b in uncompressed],
         "ratio_last_step": last_uncompressed / last_sent if last_sent else None,
         "residual_norm": per_step("residual_norm"),
+        "mean_residual_norm": per_step("mean_residual_norm"),
         "input_norm": per_step("input_norm"),
         "source": "bytes of the tensors each compressed reduction sent (mopc/runtime/compression.py); "
-                  "uncompressed = the reduce-scatter it replaces; norms: max over ranks",
+                  "uncompressed = the reduce-scatter it replaces; residual_norm / input_norm: this rank's "
+                  "error-feedback residual and what it compressed, max over ranks; mean_residual_norm: the "
+                  "group-mean residual (what the updates miss; one diagnostic all-reduce after the step's "
+                  "measurements)",
     }
 
 
