@@ -301,8 +301,8 @@ def plot(runs: dict[str, dict[str, Any]], path: Path, title: str) -> str | None:
                 if values:
                     res = [v if v > 0 else float("nan") for v in values]
                     ax_res.plot(range(1, len(res) + 1), res, style, label=label, linewidth=1.0, color=colors[mode])
-    ax_res.set_title("error-feedback residual norm per step: group mean (solid),\n"
-                     "each rank's own, max over ranks (dotted); powersgd: none during its warmup")
+    ax_res.set_title("error-feedback residual norm per step\n"
+                     "group mean (solid), own, max over ranks (dotted); none in warm-up")
     ax_res.set_xlabel("step")
     ax_res.set_ylabel("||residual||, all compressed tensors")
     ax_res.set_yscale("log")

@@ -46,7 +46,11 @@ __all__ = ["COMM_BYTES_SOURCE", "CommCounter", "CommStats", "count_comm_bytes", 
 COMM_BYTES_SOURCE = ("measured: the flight recorder's record of every collective each ProcessGroup ran, "
                      "bytes sent per rank under ring/pairwise algorithms (mopc/runtime/comm.py)")
 
-_DEFAULT_BUFFER = 20_000  # records; a window is one training step
+# Records kept; a window is one training step (tiny: ~20 collectives, small with ep: ~175).
+# Every mark and count pickles the whole ring, so a larger buffer costs time per step once it
+# is full (outside the timed step, but in the wall time of long runs); a step that runs more
+# collectives than this is reported incomplete, with a warning to raise it.
+_DEFAULT_BUFFER = 2_000
 
 _DTYPE_BYTES = {
     "Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,

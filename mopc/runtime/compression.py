@@ -144,8 +144,9 @@ class _State:
     steps: int = 0
     residual: torch.Tensor | None = None
     q: torch.Tensor | None = None
-    residual_norm: float = 0.0
-    input_norm: float = 0.0
+    residual_norm: torch.Tensor | float = 0.0
+    """Norms stay tensors until `compression_stats()` reads them (no device sync per step)."""
+    input_norm: torch.Tensor | float = 0.0
 
 
 @dataclass
@@ -184,8 +185,8 @@ def compression_stats() -> dict:
         "bytes_uncompressed": _LEDGER.bytes_uncompressed,
         "by_mode": {k: dict(v) for k, v in _LEDGER.by_mode.items()},
         "tensors": len(_STATES),
-        "residual_norm": math.sqrt(sum(s.residual_norm ** 2 for s in _STATES.values())),
-        "input_norm": math.sqrt(sum(s.input_norm ** 2 for s in _STATES.values())),
+        "residual_norm": math.sqrt(sum(float(s.residual_norm) ** 2 for s in _STATES.values())),
+        "input_norm": math.sqrt(sum(float(s.input_norm) ** 2 for s in _STATES.values())),
     }
 
 
@@ -246,7 +247,7 @@ def _skip_idle(grad, gathered, chunk_dim, num_chunks, group, world, me, state) -
     mask = full_to_gathered(active, chunk_dim, num_chunks, world).view(world, -1).bool()
     lens = mask.sum(1).tolist()
     out = gathered.new_zeros(gathered.shape[1])
-    state.input_norm = float(gathered.norm())
+    state.input_norm = gathered.norm()
     if not sum(lens):  # no expert used anywhere in the group (every flag agrees): nothing to send
         return out, bytes_sent("all_reduce", rows * 4, world)
     send = gathered[mask]  # row-major: destination 0's values first
@@ -273,8 +274,8 @@ def _quantized(gathered, mode, block, group, world, me, state) -> tuple[torch.Te
     got_scales = recv[:, width:].contiguous().view(torch.float32)
     pieces = dequantize_blocks(got_codes, got_scales, size)
     pieces[me] = total[me]
-    state.input_norm = float(total.norm())
-    state.residual_norm = float(state.residual.norm())
+    state.input_norm = total.norm()
+    state.residual_norm = state.residual.norm()
     sent = bytes_sent("all_to_all", payload.numel(), world)
     return (pieces.sum(0) / world).to(gathered.dtype), sent
 
@@ -297,8 +298,8 @@ def _powersgd(grad, chunk_dim, num_chunks, rank, group, world, me, state) -> tup
     state.q = q
     approx = _from_matrix(p @ q.transpose(0, 1) / world, how, grad.shape)
     state.residual = total - approx
-    state.input_norm = float(total.norm())
-    state.residual_norm = float(state.residual.norm())
+    state.input_norm = total.norm()
+    state.residual_norm = state.residual.norm()
     mine = full_to_gathered(approx, chunk_dim, num_chunks, world).view(world, -1)[me]
     sent = bytes_sent("all_reduce", p.numel() * 4, world) + bytes_sent("all_reduce", q.numel() * 4, world)
     return mine.to(grad.dtype).clone(), sent
@@ -322,7 +323,7 @@ def compressed_reduce_grad(grad: torch.Tensor, chunk_dim: int, num_chunks: int, 
         out, sent = _quantized(gathered, mode, block, group, world, me, state)
     elif mode == "powersgd" and state.steps <= warmup:
         out, sent = _plain(gathered, group, world), uncompressed
-        state.input_norm = float(gathered.norm())
+        state.input_norm = gathered.norm()
     elif mode == "powersgd":
         out, sent = _powersgd(grad, chunk_dim, num_chunks, rank, group, world, me, state)
     else:
