@@ -30,8 +30,6 @@ import json
 import math
 import os
 import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _report import MEMORY_ROWS, max_rel_diff, mib, render
+from _report import MEMORY_ROWS, git_state, max_rel_diff, mib, render, run_train
 
 BALANCED = ("mop", "mop_ep", "fsdp2", "ddp")
 SKEWED = ("mop_ep_skew", "mop_ep_skew_spill", "fsdp2_skew")
@@ -60,39 +58,6 @@ def train_flags(name: str, args: argparse.Namespace) -> list[str]:
         if not args.compile_baselines:
             flags += ["--no-compile-baseline"]
     return flags
-
-
-def run_config(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """One `mopc train --nproc W` run; returns its JSON report (plus the wall time and command)."""
-    json_path = out_dir / f"{name}.json"
-    cmd = [sys.executable, "-m", "mopc", "train", "--nproc", str(args.nproc), "--model", args.model,
-           "--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-           "--seed", str(args.seed), "--lr", str(args.lr), "--quiet", "--json", str(json_path),
-           *train_flags(name, args)]
-    shown = "mopc " + " ".join(shlex.quote(c) for c in cmd[3:] if c != str(json_path) and c != "--json")
-    print(f"\n== {name}: {shown}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    wall = time.perf_counter() - start
-    if proc.returncode != 0 or not json_path.exists():
-        print(proc.stdout[-6000:])
-        return {"error": f"exit code {proc.returncode}", "wall_s": wall, "command": shown}
-    report = json.loads(json_path.read_text())
-    report["wall_s"] = wall
-    report["command"] = shown
-    print(f"   done in {wall:.0f}s", flush=True)
-    return report
-
-
-def _git_state() -> dict[str, Any]:
-    """The commit the runs used, and the files of mopc/ with uncommitted changes."""
-    def git(*words: str) -> str:
-        out = subprocess.run(["git", *words], capture_output=True, text=True, check=False)
-        return out.stdout.strip()
-
-    changed = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "mopc").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "mopc_uncommitted": changed}
 
 
 def spill_check(report: dict[str, Any], factor: float) -> dict[str, Any]:
@@ -204,16 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
         p.error(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    start, git_before = time.perf_counter(), _git_state()
+    start, git_before = time.perf_counter(), git_state()
     with tempfile.TemporaryDirectory(prefix="mopc_bench_ep_") as tmp:
-        runs = {name: run_config(name, args, Path(tmp)) for name in configs}
+        runs = {name: run_train(name, args, Path(tmp), train_flags(name, args)) for name in configs}
     checks = {}
     if "mop_ep_skew_spill" in runs and "error" not in runs["mop_ep_skew_spill"]:
         checks["spill_bound"] = spill_check(runs["mop_ep_skew_spill"], args.spill_factor)
 
     result = {"settings": vars(args), "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                                   "cpus": os.cpu_count(), "platform": platform.platform()},
-              "git": {"before": git_before, "after": _git_state()},
+              "git": {"before": git_before, "after": git_state()},
               "wall_s": time.perf_counter() - start, "checks": checks, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -43,8 +43,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _report import max_rel_diff, render
+from _report import git_state, max_rel_diff, render, run_train
 
 MODES = ("none", "skip_idle", "int8", "fp8", "powersgd")
 COMPRESSED = ("int8", "fp8", "powersgd")  # the modes with an error-feedback residual
@@ -72,44 +70,11 @@ def base_mode(mode: str) -> str:
 
 def train_flags(mode: str, args: argparse.Namespace) -> list[str]:
     """The `mopc train` flags that make mode `mode` (beyond the shared ones)."""
-    flags = ["--grad-compression", base_mode(mode)]
+    flags = ["--ep", str(args.ep), "--grad-compression", base_mode(mode)]
     if base_mode(mode) == "powersgd":
         rank = mode.split("@")[1] if "@" in mode else str(args.powersgd_rank)
         flags += ["--powersgd-rank", rank, "--powersgd-warmup-steps", str(args.powersgd_warmup)]
     return flags
-
-
-def run_mode(mode: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """One `mopc train --nproc W` run; returns its JSON report (plus the wall time and command)."""
-    json_path = out_dir / f"{mode.replace('@', '_r')}.json"
-    cmd = [sys.executable, "-m", "mopc", "train", "--nproc", str(args.nproc), "--model", args.model,
-           "--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-           "--ep", str(args.ep), "--seed", str(args.seed), "--lr", str(args.lr), "--quiet",
-           "--json", str(json_path), *train_flags(mode, args)]
-    shown = "mopc " + " ".join(shlex.quote(c) for c in cmd[3:] if c != str(json_path) and c != "--json")
-    print(f"\n== {mode}: {shown}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    wall = time.perf_counter() - start
-    if proc.returncode != 0 or not json_path.exists():
-        print(proc.stdout[-6000:])
-        return {"error": f"exit code {proc.returncode}", "wall_s": wall, "command": shown}
-    report = json.loads(json_path.read_text())
-    report["wall_s"] = wall
-    report["command"] = shown
-    print(f"   done in {wall:.0f}s", flush=True)
-    return report
-
-
-def _git_state() -> dict[str, Any]:
-    """The commit the runs used, and the files of mopc/ with uncommitted changes."""
-    def git(*words: str) -> str:
-        out = subprocess.run(["git", *words], capture_output=True, text=True, check=False)
-        return out.stdout.strip()
-
-    changed = [line.split(maxsplit=1)[1] for line in git("status", "--porcelain", "--", "mopc").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "mopc_uncommitted": changed}
 
 
 # ------------------------------------------------------------------------ analysis
@@ -346,13 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.ep < args.nproc:
         p.error(f"--ep {args.ep}: needs 1 <= ep < nproc ({args.nproc}) so that expert gradients are reduced "
                 f"over an `edp` group of nproc / ep ranks")
-    start, git_before = time.perf_counter(), _git_state()
+    start, git_before = time.perf_counter(), git_state()
     with tempfile.TemporaryDirectory(prefix="mopc_bench_gc_") as tmp:
-        runs = {mode: run_mode(mode, args, Path(tmp)) for mode in modes}
+        runs = {mode: run_train(mode, args, Path(tmp), train_flags(mode, args)) for mode in modes}
     analysis = analyse(runs)
     result = {"settings": vars(args), "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                                   "cpus": os.cpu_count(), "platform": platform.platform()},
-              "git": {"before": git_before, "after": _git_state()},
+              "git": {"before": git_before, "after": git_state()},
               "wall_s": time.perf_counter() - start,
               "commands": {m: r.get("command") for m, r in runs.items()},
               "analysis": analysis, "checks": check_targets(analysis), "runs": runs}
