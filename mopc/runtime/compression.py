@@ -47,9 +47,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mopc.plan.mesh import resolve_group
+from mopc.plan.mesh import is_fake_group, resolve_group
 from mopc.runtime.comm import bytes_sent
-from mopc.runtime.ownership import full_to_gathered
+from mopc.runtime.ownership import _reduce_grad_fake, full_to_gathered
 
 log = logging.getLogger("mopc.compression")
 
@@ -206,7 +206,7 @@ def mean_residual_norm() -> float:
             continue
         group = resolve_group(state.group_name)
         mean = state.residual.clone()
-        if not _is_fake(group):
+        if not is_fake_group(group):
             dist.all_reduce(mean, group=group)
         total += float((mean / group.size()).norm()) ** 2
     return math.sqrt(total)
@@ -220,12 +220,6 @@ def reset_compression_state() -> None:
 
 # ------------------------------------------------------------------------ the op
 
-
-def _is_fake(group: dist.ProcessGroup) -> bool:
-    try:
-        return dist.get_backend(group) == "fake"
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _rs_bytes(shard_numel: int, world: int, element_size: int) -> int:
@@ -312,7 +306,7 @@ def compressed_reduce_grad(grad: torch.Tensor, chunk_dim: int, num_chunks: int, 
     group = resolve_group(group_name)
     world, me = group.size(), dist.get_rank(group)
     gathered = full_to_gathered(grad, chunk_dim, num_chunks, world).view(world, -1)
-    if _is_fake(group):  # the fake group moves no data: shapes only
+    if is_fake_group(group):  # the fake group moves no data: shapes only
         return gathered.new_zeros(gathered.shape[1])
     state = _STATES.setdefault(key, _State(mode, group_name))
     state.steps += 1
@@ -334,6 +328,4 @@ def compressed_reduce_grad(grad: torch.Tensor, chunk_dim: int, num_chunks: int, 
 
 @compressed_reduce_grad.register_fake
 def _compressed_reduce_grad_fake(grad, chunk_dim, num_chunks, group_name, mode, key, block, rank, warmup):
-    world = resolve_group(group_name).size()
-    chunk_numel = grad.numel() // num_chunks
-    return grad.new_empty(-(-chunk_numel // (world // num_chunks)))
+    return _reduce_grad_fake(grad, chunk_dim, num_chunks, group_name)  # the same piece of the same mean

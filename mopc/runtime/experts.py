@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mopc.plan.mesh import resolve_group
+from mopc.plan.mesh import is_fake_group, resolve_group
 
 log = logging.getLogger("mopc.ep")
 
@@ -194,18 +194,12 @@ def _record(layer: int, plan: RoutePlan) -> None:
 # ------------------------------------------------------------------------ helpers
 
 
-def _is_fake(group: dist.ProcessGroup) -> bool:
-    try:
-        return dist.get_backend(group) == "fake"
-    except Exception:  # noqa: BLE001
-        return False
-
 
 def _plan_for(counts: torch.Tensor, counts_all: torch.Tensor, group_name: str, capacity_factor: float,
               spill_factor: float, spill_slots: int) -> tuple[RoutePlan, dist.ProcessGroup, int]:
     group = resolve_group(group_name)
     ep = group.size()
-    if _is_fake(group):  # the fake group moves no data: pretend every rank routes like this one
+    if is_fake_group(group):  # the fake group moves no data: pretend every rank routes like this one
         counts_all = counts.view(1, -1).expand(ep, -1)
     rows = tuple(tuple(r) for r in counts_all.view(ep, -1).tolist())
     plan = route_plan(rows, float(capacity_factor), float(spill_factor), int(spill_slots))
@@ -248,7 +242,7 @@ def _regroup_index(plan: RoutePlan, rank: int, device: torch.device) -> tuple[to
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    if _is_fake(group):
+    if is_fake_group(group):
         return out.zero_()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
@@ -406,7 +400,7 @@ def update_expert_bias(biases: dict[int, torch.Tensor], rate: float, edp_group: 
                           device=device)
     if edp_group is not None:
         group = resolve_group(edp_group)
-        if group.size() > 1 and not _is_fake(group):
+        if group.size() > 1 and not is_fake_group(group):
             dist.all_reduce(counts, group=group)
     for row, layer in zip(counts, layers):
         bias = biases[layer]
