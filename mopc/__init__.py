@@ -15,9 +15,10 @@ from mopc.config import MoPConfig, MoPConfigError
 from mopc.parallelize import parallelize, plan_of
 from mopc.runtime.compression import compression_stats
 from mopc.runtime.experts import expert_load_stats
+from mopc.runtime.guard import CollectiveError, InputMismatchError, NonFiniteError
 
-__all__ = ["Analysis", "MoPConfig", "MoPConfigError", "analyze", "compression_stats", "expert_load_stats", "mop",
-           "parallelize", "plan_of"]
+__all__ = ["Analysis", "CollectiveError", "InputMismatchError", "MoPConfig", "MoPConfigError", "NonFiniteError", "analyze",
+           "compression_stats", "expert_load_stats", "mop", "parallelize", "plan_of"]
 __version__ = "0.1.0"
 
 

@@ -28,6 +28,7 @@ from mopc.capture import GraphInputs, describe_inputs, joint_param_fqns, next_gr
 from mopc.config import MoPConfig, MoPConfigError
 from mopc.passes.dump import DumpWriter
 from mopc.passes.pipeline import PassContext, Pipeline, build_pipeline
+from mopc.runtime.guard import check_input_shapes, record_loss, wrap_collective_errors
 
 log = logging.getLogger("mopc")
 
@@ -39,14 +40,19 @@ def resolve_lowering(config: MoPConfig, example_inputs: Sequence[Any]) -> str:
     return "inductor" if on_cuda else "eager"
 
 
-def _lower(lowering: str, *, is_backward: bool = False, is_inference: bool = False) -> Callable:
+def _lower(lowering: str, graph_id: int, *, is_backward: bool = False, is_inference: bool = False) -> Callable:
+    phase = "backward" if is_backward else "forward"
     if lowering == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
-        return functools.partial(compile_fx_inner, is_backward=is_backward, is_inference=is_inference)
+        def run_inductor(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+            compiled = compile_fx_inner(gm, example_inputs, is_backward=is_backward, is_inference=is_inference)
+            return wrap_collective_errors(compiled, graph_id=graph_id, phase=phase)
+
+        return run_inductor
 
     def run_eagerly(gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        return make_boxed_func(gm.forward)
+        return wrap_collective_errors(make_boxed_func(gm.forward), graph_id=graph_id, phase=phase)
 
     return run_eagerly
 
@@ -105,19 +111,37 @@ class _Compilation:
     def inference(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         num_outputs = len(gm.graph.find_nodes(op="output")[0].args[0])
         gm = self._run_pipeline(gm, example_inputs, num_outputs)
-        return _lower(self.lowering, is_inference=True)(gm, example_inputs)
+        return _lower(self.lowering, self.graph_id, is_inference=True)(gm, example_inputs)
 
     def compile(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        return aot_module_simplified(
+        compiled = aot_module_simplified(
             gm,
             example_inputs,
-            fw_compiler=_lower(self.lowering),
-            bw_compiler=_lower(self.lowering, is_backward=True),
+            fw_compiler=_lower(self.lowering, self.graph_id),
+            bw_compiler=_lower(self.lowering, self.graph_id, is_backward=True),
             inference_compiler=self.inference,
             partition_fn=self.partition,
             decompositions=_decompositions(self.lowering),
             keep_inference_input_mutations=True,
         )
+        if self.inputs.layout_config is None:
+            return compiled
+        config, graph_id = self.config, self.graph_id
+        check_shapes = config.check_inputs and (config.tp > 1 or config.vocab_parallel)
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        state = self.inputs.names[len(self.inputs.names) - len(placeholders):]  # module path, or None for data
+        names = [ph.name if fqn is None else None for ph, fqn in zip(placeholders, state, strict=True)]
+
+        @functools.wraps(compiled)
+        def run(*args: Any) -> Any:
+            if check_shapes:
+                check_input_shapes(args, names, graph_id)
+            outputs = compiled(*args)
+            if config.nan_guard:  # the step guard checks the loss this returns
+                record_loss(outputs)
+            return outputs
+
+        return run
 
 
 def mop(gm: GraphModule, example_inputs: Sequence[Any], options: dict | MoPConfig | None = None,

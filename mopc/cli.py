@@ -213,11 +213,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"mopc train: --nproc {args.nproc} under torchrun with WORLD_SIZE="
                          f"{os.environ['WORLD_SIZE']}; drop --nproc when launching with torchrun yourself")
     from mopc.config import MoPConfigError
+    from mopc.runtime.guard import CollectiveError, InputMismatchError, NonFiniteError
 
     try:
         report = run_training(settings)
     except (TrainSettingsError, MoPConfigError) as err:  # raised on every rank, before any allocation
         raise SystemExit(f"mopc train: {err}") from None
+    except (NonFiniteError, InputMismatchError, CollectiveError) as err:  # the message says what and where
+        raise SystemExit(f"mopc train: rank {os.environ.get('RANK', '0')}: {err}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"\nmopc train: {settings.model}, {settings.program} (runs as {report['config']['runs_as']}), "
               f"{report['world_size']} rank(s), global batch [{settings.batch}, {settings.seq_len}]"

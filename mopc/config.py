@@ -135,6 +135,29 @@ class MoPConfig:
     powersgd_warmup_steps: int = 10
     """Backward passes reduced uncompressed before PowerSGD starts."""
 
+    # ------------------------------------------------------------ failing safely (mopc.parallelize)
+
+    nan_guard: bool = True
+    """Before every optimizer step over the model's parameters, check on every rank that the
+    last loss and the local gradient shards are finite (one all-gather of 3 numbers per
+    rank). If any is not, every rank raises `mopc.NonFiniteError` naming the step and the
+    ranks, and the parameters and optimizer state stay as they were."""
+
+    check_inputs: bool = True
+    """Before each compiled step of a layout that gathers tokens from other ranks (`tp > 1`
+    or `vocab_parallel`), all-gather an 8-byte digest of the input shapes; when ranks
+    differ (a last, smaller batch on one rank), every rank raises
+    `mopc.InputMismatchError` listing the shapes, before any other collective."""
+
+    collective_timeout_s: float = 300.0
+    """How long a collective waits for the other ranks after the first optimizer step. A rank
+    that died makes the others fail at once; one that stopped calling collectives makes them
+    fail after this long, with `mopc.CollectiveError` naming the rank, graph and step."""
+
+    first_step_timeout_s: float = 1800.0
+    """The same limit until the first optimizer step has finished (ranks compile at
+    different speeds before their first collective)."""
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -169,6 +192,11 @@ class MoPConfig:
             raise MoPConfigError(
                 f"mop option powersgd_warmup_steps={self.powersgd_warmup_steps!r} must be >= 0 (0 = no warm-up)")
         self._check_compression_options()
+        for name in ("collective_timeout_s", "first_step_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise MoPConfigError(f"mop option {name}={value!r} must be a positive number of seconds "
+                                     f"(default {MoPConfig.__dataclass_fields__[name].default:g})")
         if self.bucket_mb < 0:
             raise MoPConfigError(f"mop option bucket_mb={self.bucket_mb!r} must be >= 0 (0 = no bucketing)")
 
@@ -252,7 +280,7 @@ class MoPConfig:
         if given:
             listed = ", ".join(f"{n}={explicit[n]!r}" for n in given)
             raise MoPConfigError(
-                f"mop option(s) {listed} decide how parameters are sharded, but this model was not "
+                f"mop option(s) {listed} are set up by mopc.parallelize (layout, guard, timeouts), but this model was not "
                 f"parallelized; call mopc.parallelize(model, example_inputs, {listed}) before torch.compile"
             )
 
@@ -266,9 +294,10 @@ class MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})
 
 
-LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel", "ep", "expert_bias_update_rate")
+LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel", "ep", "expert_bias_update_rate",
+                 "nan_guard", "check_inputs", "collective_timeout_s", "first_step_timeout_s")
 """Fields fixed by `mopc.parallelize` (how parameters are sharded at rest, and the
-balancing hook it installs)."""
+balancing hook, step guard and group timeouts it installs)."""
 
 EXPERT_FIELDS = ("capacity_factor", "expert_spill_factor")
 """Fields that act on the expert-parallel dispatch: they need `ep > 1`."""

@@ -25,8 +25,9 @@ import torch.distributed as dist
 from torch import nn
 
 from mopc.config import MoPConfig, MoPConfigError
-from mopc.plan.layout import Plan, make_plan
+from mopc.plan.layout import ModelDims, Plan, check_dims, make_plan
 from mopc.plan.mesh import MeshSpec, build_meshes, ensure_process_group, rank_device
+from mopc.runtime.guard import install_step_guard
 from mopc.runtime.ownership import shard_module_params
 
 log = logging.getLogger("mopc")
@@ -34,12 +35,15 @@ log = logging.getLogger("mopc")
 InitFn = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def _fake_inputs(example_inputs: tuple | dict) -> tuple | dict:
-    """Example inputs as meta tensors: planning never needs values."""
-    to_meta = lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x
+def _fake_inputs(example_inputs: tuple | dict, model: nn.Module) -> tuple | dict:
+    """Example inputs for planning (which traces with fake tensors, so values are never read):
+    on the meta device when the model is, else on the model's device."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("meta")
+    to_device = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x
     if isinstance(example_inputs, Mapping):
-        return {k: to_meta(v) for k, v in example_inputs.items()}
-    return tuple(to_meta(x) for x in example_inputs)
+        return {k: to_device(v) for k, v in example_inputs.items()}
+    return tuple(to_device(x) for x in example_inputs)
 
 
 def _tokens_per_rank(example_inputs: tuple | dict) -> int | None:
@@ -54,7 +58,7 @@ def _tokens_per_rank(example_inputs: tuple | dict) -> int | None:
 def _param_roles(model: nn.Module, example_inputs: tuple | dict, loss_fn: Callable | None) -> dict[str, str]:
     from mopc.analysis import analyze
 
-    analysis = analyze(model, _fake_inputs(example_inputs), loss_fn)
+    analysis = analyze(model, _fake_inputs(example_inputs, model), loss_fn)
     return dict(analysis.param_roles)
 
 
@@ -98,6 +102,7 @@ def parallelize(
             "mopc.parallelize: the model is on the meta device; pass init_fn=(fqn, tensor) -> values "
             "(for mopc's models: mopc.models.make_init_fn(model, seed))"
         )
+    check_dims(ModelDims.of(model), spec, config)  # sizes the mesh must divide, before tracing anything
     config.check_expert_options()
     if config.expert_bias_update_rate > 0 and spec.ep == 1:
         raise MoPConfigError(
@@ -138,6 +143,10 @@ def parallelize(
     model.mopc_plan = plan  # type: ignore[assignment]
     if config.expert_bias_update_rate > 0:
         _balance_after_each_step(model, config.expert_bias_update_rate, meshes.edp_group)
+    install_step_guard(model, (meshes.world_group, meshes.dp_group, meshes.tp_group, meshes.ep_group,
+                               meshes.edp_group), check=config.nan_guard,
+                       collective_timeout_s=config.collective_timeout_s,
+                       first_step_timeout_s=config.first_step_timeout_s)
     log.info("mopc.parallelize: %s", plan.summary().replace("\n", "; "))
     return model
 

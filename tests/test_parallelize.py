@@ -120,8 +120,9 @@ def test_split_mlp_dim_not_divisible_by_tp_fails_before_allocating(fake_world_fa
     fake_world_factory(8, 0)
     with torch.device("meta"):
         model = MoETransformer(dataclasses.replace(PRESETS["tiny"], dense_inter_dim=66))
-    with pytest.raises(MoPConfigError, match=r"tp=4 does not divide dim 0 \(66\) of layers.0.feed_forward.w1.weight, "
-                                             r"the dense_mlp dim tensor parallelism splits .*choose tp from \[1, 2\]"):
+    with pytest.raises(MoPConfigError, match=r"tp=4 does not divide the dense_mlp hidden size 66 \(dim 0 of "
+                                             r"layers.0.feed_forward.w1.weight\), which tensor parallelism splits; "
+                                             r"choose tp from \[1, 2\]"):
         mopc.parallelize(model, _local(8, 0), init_fn=make_init_fn(model, 0), tp=4)
     assert all(p.is_meta for p in model.parameters())
 
@@ -129,7 +130,7 @@ def test_split_mlp_dim_not_divisible_by_tp_fails_before_allocating(fake_world_fa
 def test_layout_options_without_parallelize_are_refused():
     model = build_model("tiny", seed=0)
     step = torch.compile(model, backend="mop", options={"tp": 2})
-    with pytest.raises(Exception, match=r"tp=2 decide how parameters are sharded, but this model was not "
+    with pytest.raises(Exception, match=r"tp=2 are set up by mopc.parallelize \(layout, guard, timeouts\), but this model was not "
                                         r"parallelized; call mopc.parallelize"):
         step(**_local(1, 0))
 

@@ -196,9 +196,8 @@ def make_plan(model: torch.nn.Module, param_roles: Mapping[str, str], spec: Mesh
                 size = shape[tp_dim]
                 ok = [d for d in range(1, size + 1) if size % d == 0 and spec.world_size % d == 0]
                 raise MoPConfigError(
-                    f"mop option tp={spec.tp} does not divide dim {tp_dim} ({size}) of {fqn}, the {role} "
-                    f"dim tensor parallelism splits (its hidden size); choose tp from {ok}, or "
-                    "plan='auto' / tp=1"
+                    f"mop option tp={spec.tp} does not divide the {role} hidden size {size} (dim {tp_dim} of "
+                    f"{fqn}), which tensor parallelism splits; choose tp from {ok}"
                 )
             layout = ParamLayout(fqn=fqn, shape=shape, chunk_dim=tp_dim, num_chunks=spec.tp,
                                  world_size=spec.world_size, kind="tp")

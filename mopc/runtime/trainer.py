@@ -411,6 +411,7 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "comm_by_axis_per_step": _by_axis_per_step(per_rank),
         "grad_compression": _compression_report(settings, per_rank),
         "expert_load": expert_load,
+        "nan_guard_s_per_step": _guard_seconds(program.module),
         "step_time_s": statistics.median(_steady(step_seconds)),
         "step_seconds": step_seconds,
         "first_step_s": step_seconds[0],
@@ -418,6 +419,12 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "num_params": sum(p.numel() for p in program.module.parameters()),
         "torch": torch.__version__,
     }
+
+
+def _guard_seconds(module: nn.Module) -> float | None:
+    """Seconds the non-finite check took per optimizer step on this rank (None when off)."""
+    guard = getattr(module, "_mopc_guard", None)
+    return guard.seconds / guard.checks if guard is not None and guard.checks else None
 
 
 def _by_axis_per_step(per_rank: list[dict]) -> dict[str, int]:
