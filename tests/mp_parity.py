@@ -9,7 +9,8 @@ global batch. `skew=True` (not a mop option) forces skewed routing in both model
 router correction bias of experts 0 and 1 is raised so every token picks them (the first
 expert-parallel rank gets every row, experts 2.. and the other ranks none); `skew=N` raises
 experts 0..N-1 (`skew=1` with `topk=1`: every token to expert 0); `topk=N` builds
-`tiny` with N experts per token. Rank 0 writes losses, final parameter differences, per-rank byte counts
+`tiny` with N experts per token; `biased_wo=True` gives layer 0's attention output projection
+a bias (tensor parallelism cannot split it: that block must fall back to ZeRO-3). Rank 0 writes losses, final parameter differences, per-rank byte counts
 and gradient-norm agreement to OUT.json, and the graph dumps to OUT.json.dumps/<config>/.
 """
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 import mopc
 import mopc.runtime.compression
 from mopc.models import PRESETS, build_model, make_init_fn
+from mopc.models.moe_transformer import init_weights
 from mopc.runtime.trainer import synthetic_batch
 
 # Adam divides by sqrt(v): an element whose gradient is at fp32 rounding level moves by up to
@@ -114,6 +116,12 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
     config = dataclasses.replace(PRESETS["tiny"], top_k=options.pop("topk", PRESETS["tiny"].top_k))
     ref = build_model(config, device="cpu", seed=0)
     model = build_model(config, device="meta", seed=0)
+    biased_wo = options.pop("biased_wo", False)
+    if biased_wo:  # a block tensor parallelism cannot express: it must fall back
+        ref.layers[0].attention.wo = torch.nn.Linear(config.dim, config.dim, bias=True)
+        init_weights(ref, 0)  # values by name: the same as make_init_fn gives the meta model
+        with torch.device("meta"):
+            model.layers[0].attention.wo = torch.nn.Linear(config.dim, config.dim, bias=True)
     vocab = ref.config.vocab_size
     global_batch = world * PER_RANK
 
@@ -182,6 +190,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
                                       for v in sd.values()),
         "plan": model.mopc_plan.summary(),
         "skew": skew,
+        "biased_wo": biased_wo,
         "bias_diff": bias_diff,
         "bias_moved": max((b.abs().max().item() for b in _biases(ref)), default=0.0) if not skew else None,
         "top_k": config.top_k,

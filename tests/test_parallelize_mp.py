@@ -36,7 +36,7 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 # rank gets every row and the other ranks and experts none; spilling then lends experts,
 # and `grad_compression=skip_idle` (exact) reduces only the used experts' gradients.
 CASES = [
-    (2, "tp=1,loss_chunk_tokens=16;tp=2;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
+    (2, "tp=1,loss_chunk_tokens=16;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
         "ep=2,skew=1,expert_spill_factor=1.0,topk=1", 2),
     (4, "tp=2;ep=4,skew=True,topk=3;"
         "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle", 1),
@@ -70,10 +70,15 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank)
         assert "by=gather_params" in forward and "by=vocab_parallel_loss" in forward
         if r["options"].get("tp") == 2:
             assert "by=tensor_parallel" in forward
-            # attention on the tp group's 2 x per_rank sequences and 8 / 2 = 4 local heads
+            # attention on the tp group's 2 x per_rank sequences and 8 / 2 = 4 local heads; with a
+            # biased output projection, layer 0 falls back to its own sequences and all 8 heads
             sdpa = [line for line in forward.splitlines() if "= aten._scaled_dot_product_flash_attention_for_cpu(" in line]
-            shapes = f": (f32[{2 * per_rank}, 4, 16, 8], f32[{2 * per_rank}, 4, 16])"
-            assert len(sdpa) == 3 and all(shapes in line for line in sdpa), sdpa
+            local = f": (f32[{2 * per_rank}, 4, 16, 8], f32[{2 * per_rank}, 4, 16])"
+            whole = f": (f32[{per_rank}, 8, 16, 8], f32[{per_rank}, 8, 16])"
+            fallback = 1 if r["biased_wo"] else 0
+            assert len(sdpa) == 3, sdpa
+            assert sum(local in line for line in sdpa) == 3 - fallback, sdpa
+            assert sum(whole in line for line in sdpa) == fallback, sdpa
         if r["options"].get("ep", 1) > 1:
             _check_expert_parallel(r, name, forward)
         if r["options"].get("grad_compression") and r["options"]["ep"] == world:
