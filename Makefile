@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.mopc-installed
 
-.PHONY: demo test test-world8 install clean
+.PHONY: demo test test-world8 test-large install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,13 +27,18 @@ demo: $(STAMP)
 		--steps 3 --batch 4 --seq-len 32 --no-compile-baselines --dump-dir mopc_dumps \
 		--out bench_out/dense_parallel_demo.json
 
-# 8-rank runs are left out of `make test` (CI budget); `make test-world8` runs them.
-PYTEST_ARGS ?= -m "not world8"
+# 8-rank runs and the larger property search are left out of `make test` (CI budget);
+# `make test-world8` and `make test-large` run them.
+# Two pytest-xdist workers: multi-process tests are scheduled first (tests/conftest.py).
+PYTEST_ARGS ?= -n 2 -m "not world8 and not large"
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 test-world8: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -m world8
+
+test-large: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -m large
 
 clean:
 	rm -rf $(VENV) mopc_dumps .pytest_cache

@@ -93,7 +93,8 @@ def parallelize(
     """
     config = MoPConfig.from_options(options)
     if getattr(model, "mopc_plan", None) is not None:
-        raise MoPConfigError("mopc.parallelize: this model is already parallelized (it has a mopc_plan)")
+        raise MoPConfigError("mopc.parallelize: this model is already parallelized (it has a mopc_plan); "
+                             "call it once per model (build a new model for another layout)")
     ensure_process_group()
     spec = MeshSpec.from_config(config, dist.get_world_size())
     has_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])

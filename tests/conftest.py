@@ -66,3 +66,10 @@ def mesh_3d(fake_world):
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cpu", (fake_world // 4, 2, 2), mesh_dim_names=("dp", "ep", "tp"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-process tests first: with `-n 2` (pytest-xdist) the
+    short single-process tests then fill the gaps instead of leaving one worker idle at
+    the end while the other runs a long launch."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("multiprocess") else 1)

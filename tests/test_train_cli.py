@@ -121,14 +121,22 @@ def test_ddp_two_ranks_matches_eager(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_mop_and_fsdp2_two_ranks_match_eager(tmp_path, monkeypatch):
+def test_mop_and_fsdp2_two_ranks_match_eager_and_mop_is_deterministic(tmp_path, monkeypatch):
+    """Routing skewed onto experts 0 and 1 in every program; mop with tp 2 x ep 2 twice, in
+    processes with different hash seeds (set and dict orders differ): bitwise the same losses."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    common = ["--model", "tiny", "--steps", "2", "--batch", "4", "--seq-len", "16", "--quiet"]
+    common = ["--model", "tiny", "--steps", "3", "--batch", "4", "--seq-len", "16", "--skew-experts", "2", "--quiet"]
     assert main(["train", "--backend", "eager", "--json", str(tmp_path / "eager.json"), *common]) == 0
-    assert main(["train", "--nproc", "2", "--json", str(tmp_path / "mop.json"), *common]) == 0
+    for run, seed in (("mop", "1"), ("mop_again", "2")):
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+        assert main(["train", "--nproc", "2", "--tp", "2", "--ep", "2", "--json", str(tmp_path / f"{run}.json"),
+                     *common]) == 0
     assert main(["train", "--nproc", "2", "--baseline", "fsdp2", "--json", str(tmp_path / "fsdp2.json"),
                  *common]) == 0
-    eager, mop, fsdp2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "mop", "fsdp2"))
+    eager, mop, again, fsdp2 = (json.loads((tmp_path / f"{n}.json").read_text())
+                                for n in ("eager", "mop", "mop_again", "fsdp2"))
+    assert again["losses"] == mop["losses"], (mop["losses"], again["losses"])  # bitwise: floats from JSON
+    assert mop["nan_guard_s_per_step"] is not None and mop["nan_guard_s_per_step"] > 0
     assert mop["config"]["runs_as"] == "mop" and fsdp2["config"]["runs_as"] == "aot_eager"
     for report in (mop, fsdp2):
         assert report["losses"] == pytest.approx(eager["losses"], rel=1e-5)
