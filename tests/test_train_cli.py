@@ -136,7 +136,7 @@ def test_mop_and_fsdp2_two_ranks_match_eager_and_mop_is_deterministic(tmp_path, 
     eager, mop, again, fsdp2 = (json.loads((tmp_path / f"{n}.json").read_text())
                                 for n in ("eager", "mop", "mop_again", "fsdp2"))
     assert again["losses"] == mop["losses"], (mop["losses"], again["losses"])  # bitwise: floats from JSON
-    assert mop["nan_guard_s_per_step"] is not None and mop["nan_guard_s_per_step"] > 0
+    assert mop["guard_s_per_step"]["nan_guard"] > 0 and mop["guard_s_per_step"]["input_check"] > 0
     assert mop["config"]["runs_as"] == "mop" and fsdp2["config"]["runs_as"] == "aot_eager"
     for report in (mop, fsdp2):
         assert report["losses"] == pytest.approx(eager["losses"], rel=1e-5)

@@ -61,6 +61,8 @@ class _State:
     step = 0  # optimizer.step() calls over the guarded parameters so far (the last guard's)
     timeout_s: float | None = None
     first_step_done = False
+    input_check_seconds = 0.0  # time spent in check_input_shapes after the first step (trainer's report)
+    input_checks = 0
 
 
 def record_loss(outputs: Any) -> None:
@@ -149,7 +151,11 @@ def check_input_shapes(args: Sequence[Any], names: Sequence[str | None], graph_i
             raise
         raise CollectiveError(_collective_message(err, f"the input check of compiled graph {graph_id}",
                                                   time.perf_counter() - start)) from err
-    if len(set(every.tolist())) == 1:
+    same = len(set(every.tolist())) == 1
+    if _State.first_step_done:  # before it, the wait is mostly other ranks still compiling
+        _State.input_check_seconds += time.perf_counter() - start
+        _State.input_checks += 1
+    if same:
         return
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, shapes)
@@ -198,7 +204,7 @@ class StepGuard:
         self.first_step_timeout_s = first_step_timeout_s
         self.attempts = 0  # optimizer.step() calls over these parameters, refused ones included
         self.step = 0  # optimizer steps finished over these parameters
-        self.seconds = 0.0  # time spent checking, for the trainer's report
+        self.seconds = 0.0  # time spent checking after the first step, for the trainer's report
         self.checks = 0
 
     def covers(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -245,8 +251,9 @@ class StepGuard:
             rows = gathered.view(world, 3).tolist()
         else:
             rows = [flags.tolist()]
-        self.seconds += time.perf_counter() - start
-        self.checks += 1
+        if self.step:  # before the first step the wait is mostly other ranks still compiling
+            self.seconds += time.perf_counter() - start
+            self.checks += 1
         bad_loss = [r for r, row in enumerate(rows) if row[1] == 0.0]
         bad_grad = [r for r, row in enumerate(rows) if row[2] == 0.0]
         if bad_loss or bad_grad:
@@ -323,9 +330,16 @@ def install_step_guard(model: torch.nn.Module, group_names: Sequence[str], *, ch
     _State.step = 0
     _State.first_step_done = False
     _State.last_loss = None
+    _State.input_check_seconds = 0.0
+    _State.input_checks = 0
     if dist.is_initialized():
         set_group_timeouts(group_names, first_step_timeout_s)
     return guard
+
+
+def input_check_seconds() -> float | None:
+    """Mean seconds per input-shape check after the first optimizer step (None if none ran)."""
+    return _State.input_check_seconds / _State.input_checks if _State.input_checks else None
 
 
 def reset_guard_state() -> None:
@@ -334,3 +348,5 @@ def reset_guard_state() -> None:
     _State.step = 0
     _State.first_step_done = False
     _State.timeout_s = None
+    _State.input_check_seconds = 0.0
+    _State.input_checks = 0

@@ -411,7 +411,7 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "comm_by_axis_per_step": _by_axis_per_step(per_rank),
         "grad_compression": _compression_report(settings, per_rank),
         "expert_load": expert_load,
-        "nan_guard_s_per_step": _guard_seconds(program.module),
+        "guard_s_per_step": _guard_seconds(program.module),
         "step_time_s": statistics.median(_steady(step_seconds)),
         "step_seconds": step_seconds,
         "first_step_s": step_seconds[0],
@@ -421,10 +421,17 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     }
 
 
-def _guard_seconds(module: nn.Module) -> float | None:
-    """Seconds the non-finite check took per optimizer step on this rank (None when off)."""
+def _guard_seconds(module: nn.Module) -> dict[str, float | None] | None:
+    """Mean seconds per step, after the first, this rank spent in the non-finite check and
+    in the input-shape check (each includes its all-gather, the host sync and any wait for
+    a slower rank); None for programs without the guard."""
+    from mopc.runtime.guard import input_check_seconds
+
     guard = getattr(module, "_mopc_guard", None)
-    return guard.seconds / guard.checks if guard is not None and guard.checks else None
+    if guard is None:
+        return None
+    return {"nan_guard": guard.seconds / guard.checks if guard.checks else None,
+            "input_check": input_check_seconds()}
 
 
 def _by_axis_per_step(per_rank: list[dict]) -> dict[str, int]:
