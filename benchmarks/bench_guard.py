@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 from pathlib import Path
 
 from _report import git_state, run_train
@@ -34,13 +35,12 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/guard.json")
     args = p.parse_args()
     out = Path(args.out)
-    runs_dir = out.parent / (out.stem + "_runs")
-    runs_dir.mkdir(parents=True, exist_ok=True)
     layout = ["--ep", str(args.ep)]
     runs: dict[str, list[dict]] = {"on": [], "off": []}
-    for i in range(args.repeats):
-        runs["on"].append(run_train(f"on{i}", args, runs_dir, layout))
-        runs["off"].append(run_train(f"off{i}", args, runs_dir, [*layout, "--no-nan-guard", "--no-check-inputs"]))
+    with tempfile.TemporaryDirectory(prefix="mopc_bench_guard_") as tmp:
+        for i in range(args.repeats):
+            runs["on"].append(run_train(f"on{i}", args, Path(tmp), layout))
+            runs["off"].append(run_train(f"off{i}", args, Path(tmp), [*layout, "--no-nan-guard", "--no-check-inputs"]))
     failed = [r["command"] for rs in runs.values() for r in rs if "error" in r]
     if failed:
         raise SystemExit(f"runs failed: {failed}")
