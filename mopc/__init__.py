@@ -9,6 +9,7 @@ when the package runs from a source tree without that entry point.
 
 from __future__ import annotations
 
+from mopc import logs
 from mopc.analysis import Analysis, analyze
 from mopc.backend import mop
 from mopc.config import MoPConfig, MoPConfigError
@@ -34,3 +35,4 @@ def _register_without_entry_point() -> None:
 
 
 _register_without_entry_point()
+logs.configure()  # MOPC_LOG

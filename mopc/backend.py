@@ -26,7 +26,8 @@ from torch.fx import GraphModule
 
 from mopc.capture import GraphInputs, describe_inputs, joint_param_fqns, next_graph_id
 from mopc.config import MoPConfig, MoPConfigError
-from mopc.passes.dump import DumpWriter
+from mopc.logs import trace_graph
+from mopc.passes.dump import DumpWriter, format_graph
 from mopc.passes.pipeline import PassContext, Pipeline, build_pipeline
 from mopc.runtime.guard import check_input_shapes, record_loss, wrap_collective_errors
 
@@ -101,9 +102,11 @@ class _Compilation:
         split = min_cut_rematerialization_partition if self.config.partitioner == "min_cut" else default_partition
         start = time.perf_counter()
         fw, bw = split(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        seconds = time.perf_counter() - start
+        for name, graph in (("forward", fw), ("backward", bw)):  # TORCH_TRACE / tlparse
+            trace_graph(f"mopc_{self.graph_id}_{name}", functools.partial(format_graph, graph))
         if self.writer is not None:
             note = f"{self.config.partitioner} partitioner split the joint graph"
-            seconds = time.perf_counter() - start
             self.writer.write("forward", fw, kind="partition", seconds=seconds, diff=None, note=note)
             self.writer.write("backward", bw, kind="partition", seconds=seconds, diff=None, note=note)
         return fw, bw

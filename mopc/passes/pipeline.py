@@ -17,7 +17,14 @@ from typing import Any, Callable, Mapping, Sequence
 from torch.fx import GraphModule
 
 from mopc.config import MoPConfig, MoPConfigError
-from mopc.passes.dump import DumpWriter, op_count_diff, op_counts, resolve_dump_dir
+from mopc.logs import trace_graph
+from mopc.passes.dump import (
+    DumpWriter,
+    format_graph,
+    op_count_diff,
+    op_counts,
+    resolve_dump_dir,
+)
 from mopc.passes.registry import PASSES, PassSpec
 from mopc.passes.verify import verify_graph
 
@@ -102,7 +109,7 @@ class Pipeline:
             writer.write("captured", gm, kind="input", seconds=0.0, diff=None,
                          note=f"{len(ctx.param_fqns)} parameters/buffers as inputs")
         roles_done = False
-        for spec, fn in zip(self.passes, self.bound):
+        for index, (spec, fn) in enumerate(zip(self.passes, self.bound, strict=True), start=1):
             before = op_counts(gm) if writer else None
             start = time.perf_counter()
             if spec.kind == "analysis":
@@ -125,7 +132,15 @@ class Pipeline:
             if writer:
                 writer.write(spec.name, gm, kind=spec.kind, seconds=seconds,
                              diff=op_count_diff(before, op_counts(gm)), roles=ctx.results.get("classify_roles"))
+            if spec.kind != "analysis":  # TORCH_TRACE / tlparse; the text is built only when tracing is on
+                trace_graph(f"mopc_{ctx.graph_id}_{index:02d}_{spec.name}",
+                            functools.partial(_traced_text, spec.name, seconds, gm, ctx))
         return gm
+
+
+def _traced_text(name: str, seconds: float, gm: GraphModule, ctx: PassContext) -> str:
+    header = f"# mopc pass {name} on graph {ctx.graph_id}: {seconds * 1e3:.2f} ms\n"
+    return header + format_graph(gm, dict(ctx.param_fqns), ctx.results.get("classify_roles"))
 
 
 def build_pipeline(config: MoPConfig, extra_disabled: Sequence[str] = ()) -> Pipeline:

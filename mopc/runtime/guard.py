@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("mopc")
+log = logging.getLogger("mopc.guard")
 
 
 class NonFiniteError(RuntimeError):
