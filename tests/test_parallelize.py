@@ -258,6 +258,39 @@ def test_block_the_rewrite_cannot_express_keeps_the_reference_layout(tmp_path, f
     assert tp_blocks == {("attention", 1), ("attention", 2), ("dense_mlp", 0)}
 
 
+def test_a_block_no_rule_covers_keeps_the_reference_layout_unless_debugging(tmp_path, fake_world_factory,
+                                                                          caplog, monkeypatch):
+    """An unexpected error while re-deriving a block's shapes (here injected into layer 0's
+    attention) is not a crash and not a guess: that block stays on ZeRO-3 with a warning
+    naming the error; with debug=True the error is raised instead."""
+    from mopc.passes.rewrite import tensor_parallel
+
+    propagate = tensor_parallel._Rewrite.propagate
+
+    def fails_on_layer0_attention(self):
+        if self.region.role == "attention" and self.region.layer == 0:
+            raise IndexError("list index out of range")
+        return propagate(self)
+
+    monkeypatch.setattr(tensor_parallel._Rewrite, "propagate", fails_on_layer0_attention)
+    world = fake_world_factory(8, 1)
+    model, init_fn = _meta_tiny()
+    model = mopc.parallelize(model, _local(world, 1), init_fn=init_fn, tp=2)
+    step = torch.compile(model, backend="mop", options={"dump_dir": str(tmp_path)})
+    with caplog.at_level("WARNING", logger="mopc.passes"):
+        step(**_local(world, 1)).backward()
+    assert any("kept the reference layout for attention@0: no rule covers it (IndexError: list index out of range)"
+               in r.getMessage() for r in caplog.records)
+    index = json.loads(next(tmp_path.iterdir()).joinpath("index.json").read_text())
+    fwd = next(e for e in index if e["pass"] == "forward")["collectives"]
+    assert {(c["role"], c["layer"]) for c in fwd if c["created_by"] == "tensor_parallel"} == {
+        ("attention", 1), ("attention", 2), ("dense_mlp", 0)}
+    torch._dynamo.reset()
+    debug_step = torch.compile(model, backend="mop", options={"debug": True})
+    with pytest.raises(Exception, match="list index out of range"):
+        debug_step(**_local(world, 1))
+
+
 @pytest.mark.parametrize("tie_embeddings", [False, True], ids=["untied", "tied"])
 def test_one_process_without_torchrun_trains_and_infers_like_eager(tie_embeddings):
     """No process group: parallelize makes a one-rank gloo group; training, clipping and a

@@ -167,5 +167,10 @@ def build_pipeline(config: MoPConfig, extra_disabled: Sequence[str] = ()) -> Pip
                 )
         seen.add(spec.name)
     bound = tuple(functools.partial(p.fn, **p.options_from_config(config)) for p in chosen)
-    debug = config.debug or os.environ.get("MOPC_DEBUG", "") not in ("", "0")
-    return Pipeline(tuple(chosen), bound, debug, config.dump_dir)
+    return Pipeline(tuple(chosen), bound, debug_enabled(config), config.dump_dir)
+
+
+def debug_enabled(config: MoPConfig) -> bool:
+    """`debug=True` or `MOPC_DEBUG=1`: verify after every pass, and let rewrites raise on
+    blocks they have no rule for instead of keeping them on the reference layout."""
+    return config.debug or os.environ.get("MOPC_DEBUG", "") not in ("", "0")

@@ -40,6 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 import mopc.runtime.experts  # noqa: F401  (registers the mopc::ep_* ops)
 from mopc.passes.analysis.graph_utils import is_reduce_grad, is_unshard
+from mopc.passes.pipeline import debug_enabled
 from mopc.passes.registry import register_pass
 from mopc.passes.rewrite.splice import insert_traced
 from mopc.plan.mesh import find_meshes
@@ -390,6 +391,11 @@ def expert_parallel(gm: GraphModule, ctx, *, ep: int, tp: int, capacity_factor: 
             rewrite.propagate()
         except _Unsupported as why:
             kept.append(f"experts@{block.layer}: {why}")
+            continue
+        except Exception as err:  # nothing is rewritten before commit: keeping the layer is safe
+            if debug_enabled(ctx.config):
+                raise
+            kept.append(f"experts@{block.layer}: no rule covers it ({type(err).__name__}: {err})")
             continue
         rewrite.commit()
         done.append(f"experts@{block.layer}")

@@ -103,7 +103,10 @@ def _reduce_bucket(members: list[Node], world: int, group: str) -> Callable[...,
 def _hoist_shard_views(graph: torch.fx.Graph, unshards: list[Node]) -> None:
     """Move the views that unwrap shard inputs (DTensor `to_local`) up to the inputs, so
     that the shards of a whole bucket exist before its first member runs."""
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    inputs = graph.find_nodes(op="placeholder")
+    if not inputs:  # a graph Dynamo split off that takes nothing (no shard to unwrap)
+        return
+    last_input = inputs[-1]
     for node in unshards:
         src = node.args[0]
         if src.op == "call_function" and all(a.op == "placeholder" for a in src.all_input_nodes):

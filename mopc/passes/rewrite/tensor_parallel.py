@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
 from mopc.passes.analysis.graph_utils import is_reduce_grad, is_unshard
+from mopc.passes.pipeline import debug_enabled
 from mopc.passes.registry import register_pass
 from mopc.passes.rewrite.splice import insert_traced
 from mopc.plan.mesh import find_meshes, group_rank
@@ -525,6 +526,11 @@ def tensor_parallel(gm: GraphModule, ctx, *, tp: int) -> GraphModule:
             rewrite.outputs()
         except _Unsupported as why:
             kept.append(f"{region.role}@{region.layer}: {why}")
+            continue
+        except Exception as err:  # nothing is rewritten before commit: keeping the block is safe
+            if debug_enabled(ctx.config):
+                raise
+            kept.append(f"{region.role}@{region.layer}: no rule covers it ({type(err).__name__}: {err})")
             continue
         if not rewrite.chunks:
             continue  # no chunked weight: nodes of that role outside a block (RoPE tables)
