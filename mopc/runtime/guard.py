@@ -327,11 +327,7 @@ def install_step_guard(model: torch.nn.Module, group_names: Sequence[str], *, ch
     if not _HOOKS:  # one global pair of hooks serves every guarded model
         _HOOKS.append(register_optimizer_step_pre_hook(_pre_step))
         _HOOKS.append(register_optimizer_step_post_hook(_post_step))
-    _State.step = 0
-    _State.first_step_done = False
-    _State.last_loss = None
-    _State.input_check_seconds = 0.0
-    _State.input_checks = 0
+    reset_guard_state()  # a new run: step 1, first-step timeout
     if dist.is_initialized():
         set_group_timeouts(group_names, first_step_timeout_s)
     return guard
@@ -343,7 +339,7 @@ def input_check_seconds() -> float | None:
 
 
 def reset_guard_state() -> None:
-    """Forget the step count and the last loss (a new training run in the same process)."""
+    """Forget the step count, the last loss and the timings (a new training run)."""
     _State.last_loss = None
     _State.step = 0
     _State.first_step_done = False
