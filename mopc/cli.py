@@ -1,4 +1,4 @@
-"""Command line: `mopc explain` and `mopc train` (also `python -m mopc ...`)."""
+"""Command line: `mopc explain`, `mopc train` and `mopc export` (also `python -m mopc ...`)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- train
 
 _TRAIN_FLAGS = frozenset({"model", "steps", "seed", "batch", "seq_len", "lr", "backend", "baseline", "json",
-                          "quiet", "nproc", "compile_baseline", "verbose", "skew_experts"})
+                          "quiet", "nproc", "compile_baseline", "verbose", "skew_experts", "save", "save_every",
+                          "resume"})
 """Trainer flags; a MoPConfig field of the same name would be shadowed (and is not generated)."""
 
 _MOP_DEST = "mop__"
@@ -164,7 +165,8 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(model=args.model, steps=args.steps, seed=args.seed, batch=args.batch,
                          seq_len=args.seq_len or _default_seq_len(args.model), lr=args.lr, backend=args.backend, baseline=args.baseline,
                          compile_baseline=args.compile_baseline, json_path=args.json, quiet=args.quiet,
-                         skew_experts=args.skew_experts, mop_options=options)
+                         skew_experts=args.skew_experts, save_dir=args.save, save_every=args.save_every,
+                         resume=args.resume, mop_options=options)
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -261,8 +263,40 @@ def _add_train_parser(sub: Any) -> None:
                    help="force skewed routing: every token picks among experts 0..N-1 (router correction bias "
                         "+1.0 on them; top_k <= N <= num_experts), the same for mop and the baselines "
                         "(default: 0, the model's own routing)")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="save model and optimizer with Distributed Checkpoint under DIR after the last step "
+                        "(and every --save-every steps); loadable at any other layout")
+    p.add_argument("--save-every", type=_non_negative, default=0, metavar="N",
+                   help="also save every N steps (default: 0, only after the last step)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="load the newest checkpoint under DIR (saved at any layout) and continue from its step "
+                        "up to --steps")
     add_mop_options(p)
     p.set_defaults(fn=cmd_train)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mopc.checkpoint import CheckpointError, export
+
+    try:
+        summary = export(args.checkpoint, args.out)
+    except CheckpointError as err:
+        raise SystemExit(f"mopc export: {err}") from None
+    print(f"mopc export: step {summary['step']} of {summary['source']} -> {summary['out']}: "
+          f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB "
+          "(load with model.load_state_dict(torch.load(PATH)))")
+    return 0
+
+
+def _add_export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="consolidate a checkpoint into one file of full tensors for inference",
+                       description="Read the newest complete checkpoint under CHECKPOINT (saved by mopc train "
+                                   "--save or mopc.checkpoint.save, at any layout) and write the model's full "
+                                   "parameters and buffers, under their own names, to OUT with torch.save. "
+                                   "Runs in one process.")
+    p.add_argument("checkpoint", help="a checkpoint directory (or one of its step_* directories)")
+    p.add_argument("out", help="the file to write (e.g. model.pt)")
+    p.set_defaults(fn=cmd_export)
 
 
 def _non_negative(text: str) -> int:
@@ -295,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_explain)
 
     _add_train_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 

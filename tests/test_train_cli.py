@@ -145,3 +145,23 @@ def test_mop_and_fsdp2_two_ranks_match_eager_and_mop_is_deterministic(tmp_path, 
             for key in ("params", "grads", "optimizer"):
                 assert m[key] < 0.6 * eager["memory"]["per_rank"][0][key], (report["config"]["program"], key)
         assert report["comm_bytes_per_step"] > 0
+
+
+def test_save_and_resume_continue_like_one_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = ["train", "--backend", "eager", "--model", "tiny", "--batch", "2", "--seq-len", "8", "--quiet"]
+    assert main([*common, "--steps", "4", "--json", str(tmp_path / "whole.json")]) == 0
+    assert main([*common, "--steps", "2", "--save", str(tmp_path / "ckpt")]) == 0
+    assert main([*common, "--steps", "4", "--resume", str(tmp_path / "ckpt"), "--save", str(tmp_path / "ckpt"),
+                 "--json", str(tmp_path / "resumed.json")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["start_step"] == 2 and len(resumed["losses"]) == 2
+    assert resumed["losses"] == whole["losses"][2:]  # same program, same state: bitwise
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_00000004"
+    with pytest.raises(SystemExit, match=r"the checkpoint is at step 4 and --steps 3 ends there"):
+        main([*common, "--steps", "3", "--resume", str(tmp_path / "ckpt")])
+    with pytest.raises(SystemExit, match=r"--resume .*nowhere: no complete checkpoint there"):
+        main([*common, "--steps", "3", "--resume", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match=r"--save-every 2 needs --save DIR"):
+        main([*common, "--steps", "3", "--save-every", "2"])

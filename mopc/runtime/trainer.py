@@ -139,6 +139,12 @@ class TrainSettings:
     """0 = the model's own routing. N > 0: build the preset with a router correction bias
     and raise it by 1.0 for experts 0..N-1, so every token picks among those N experts
     (top_k <= N <= num_experts). Applied identically to mop and the baselines."""
+    save_dir: str | None = None
+    """Save model and optimizer (mopc.checkpoint, DCP) here after the last step."""
+    save_every: int = 0
+    """Also save every N steps (0: only after the last step)."""
+    resume: str | None = None
+    """Load the newest checkpoint under this directory and continue from its step."""
     mop_options: dict[str, Any] = field(default_factory=dict)
     """The `mopc.MoPConfig` fields the user set (only those)."""
 
@@ -173,6 +179,7 @@ class TrainSettings:
         if self.program != "mop" and mop_only:
             flags = ", ".join("--" + name.replace("_", "-") for name in mop_only)
             raise TrainSettingsError(f"{flags} apply to --backend mop only, not to {self.program}")
+        self._validate_checkpointing()
         from mopc.models.presets import PRESETS
 
         limit = PRESETS[self.model].max_seq_len if self.model in PRESETS else None
@@ -195,6 +202,26 @@ class TrainSettings:
                 MeshSpec.from_config(MoPConfig.from_options(self.mop_options), world)
             except MoPConfigError as err:
                 raise TrainSettingsError(str(err)) from None
+
+
+    def _validate_checkpointing(self) -> None:
+        if self.save_every and not self.save_dir:
+            raise TrainSettingsError(f"--save-every {self.save_every} needs --save DIR (where to write)")
+        if (self.save_dir or self.resume) and self.program not in ("mop", "eager"):
+            raise TrainSettingsError(
+                f"--save/--resume checkpoint mop and the eager reference, not --baseline {self.baseline}; "
+                "drop them for the baseline")
+        if self.resume:
+            from mopc.checkpoint import _read_meta, latest_step
+
+            found = latest_step(self.resume)
+            if found is None:
+                raise TrainSettingsError(f"--resume {self.resume}: no complete checkpoint there (a step_* "
+                                         "directory with DCP's .metadata); check the path, or drop --resume")
+            step = _read_meta(found).get("step")
+            if isinstance(step, int) and step >= self.steps:
+                raise TrainSettingsError(f"--resume {self.resume}: the checkpoint is at step {step} and --steps "
+                                         f"{self.steps} ends there; pass --steps greater than {step}")
 
 
 # ---------------------------------------------------------------------------- programs
@@ -323,8 +350,17 @@ def _global_mean(value: torch.Tensor, world: int) -> float:
     return float(value) / world
 
 
+def _save(settings: TrainSettings, program: Program, optimizer: torch.optim.Optimizer, step: int) -> None:
+    from mopc.checkpoint import save
+
+    save(settings.save_dir, program.module, optimizer, step=step,  # type: ignore[arg-type]
+         extra={"model": settings.model, "seed": settings.seed, "batch": settings.batch,
+                "seq_len": settings.seq_len, "lr": settings.lr, "program": settings.program,
+                "mop_options": settings.mop_options})
+
+
 def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.optim.Optimizer,
-                 tracker: MemoryTracker, rank: int, world: int, vocab: int) -> list[_StepRecord]:
+                 tracker: MemoryTracker, rank: int, world: int, vocab: int, start: int = 0) -> list[_StepRecord]:
     bar = Progress(settings.steps, f"train {settings.model} ({program.runs_as}, {world} rank"
                    f"{'s' if world > 1 else ''})") if rank == 0 and not settings.quiet else None
     from mopc.runtime.compression import compression_stats, reset_compression_state
@@ -332,7 +368,7 @@ def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.opt
     reset_compression_state()  # a fresh run: no residual from an earlier one in this process
     counter = CommCounter(mesh_axes())
     records = []
-    for step in range(settings.steps):
+    for step in range(start, settings.steps):
         data = rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank, world)
         compressed = compression_stats()
         counter.mark()
@@ -348,6 +384,9 @@ def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.opt
                                    compression=_compression_delta(compressed, compression_stats())))
         if bar:
             bar.update(step + 1, loss=f"{records[-1].loss:.4f}", step_s=f"{seconds:.2f}")
+        if settings.save_dir and (step + 1 == settings.steps
+                                  or (settings.save_every and (step + 1) % settings.save_every == 0)):
+            _save(settings, program, optimizer, step + 1)
     return records
 
 
@@ -381,7 +420,12 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(program.module.parameters(), lr=settings.lr)
     tracker = MemoryTracker(program.module, optimizer, rank=rank)
     vocab = _vocab_size(program.module)
-    records = _train_steps(settings, program, optimizer, tracker, rank, world, vocab)
+    start = 0
+    if settings.resume:
+        from mopc.checkpoint import load
+
+        start = load(settings.resume, program.module, optimizer)
+    records = _train_steps(settings, program, optimizer, tracker, rank, world, vocab, start)
 
     per_rank = _gather({"memory": tracker.report(),
                         "step_seconds": [r.seconds for r in records],
@@ -390,7 +434,7 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
                         "compression": [r.compression for r in records],
                         "comm_complete": all(r.comm.complete for r in records)}, world)
     # A step ends when its slowest rank ends: take the max over ranks, then the median over steps.
-    step_seconds = [max(p["step_seconds"][i] for p in per_rank) for i in range(settings.steps)]
+    step_seconds = [max(p["step_seconds"][i] for p in per_rank) for i in range(len(records))]
     comm_per_rank = [int(statistics.median(_steady(p["comm_bytes"]))) for p in per_rank]
     last_comm = records[-1].comm
     expert_load = _expert_load(settings) if rank == 0 else None
@@ -398,6 +442,7 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     return {
         "config": {**asdict(settings), "program": settings.program, "runs_as": program.runs_as},
         "world_size": world,
+        "start_step": start,
         "losses": [r.loss for r in records],
         "memory": {
             "peak_bytes": max(p["memory"]["peak"] for p in per_rank),

@@ -1,0 +1,143 @@
+"""Distributed Checkpoint round trips: across layouts (gloo ranks), interrupted saves, export.
+
+The multi-rank test saves `tiny` at world 4 with tp=2 x ep=4 after 3 AdamW steps, resumes at
+world 2 with ep=2 (so world 4 -> 2, ep 4 -> 2 and tp 2 -> 1 at once), and checks the resumed
+losses against the uninterrupted run and single-device eager; then a save that fails on one
+rank midway must leave the step-3 checkpoint loadable; then `mopc export` consolidates it
+into one file that loads into the unparallelized model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mopc.checkpoint as ckpt
+from mopc.models import build_model
+from mopc.runtime.trainer import synthetic_batch
+
+HERE = Path(__file__).parent
+BATCH, SEQ, LR, SAVE_AT, STEPS = 4, 16, 3e-3, 3, 6  # as in tests/mp_checkpoint.py
+TOL = 1e-5
+
+
+def _torchrun(world: int, out: Path, root: Path, phase: str, layout: str, *extra: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--standalone",
+           str(HERE / "mp_checkpoint.py"), str(out), str(root), phase, layout, *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f"{phase}_rank{r}.json").read_text()) for r in range(world)]
+
+
+def _eager(steps: int) -> tuple[list[float], torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_model("tiny", device="cpu", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for step in range(steps):
+        loss = model(**synthetic_batch(step, BATCH, SEQ, model.config.vocab_size, 0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses, model
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+def _roundtrip(tmp_path: Path, compile_: bool) -> None:
+    out, root = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    flags = ("--compile",) if compile_ else ()
+    saved = _torchrun(4, out, root, "save", "tp=2,ep=4", *flags)
+    resumed = _torchrun(2, out, root, "resume", "ep=2", *flags)
+    eager_losses, _ = _eager(STEPS)
+
+    uninterrupted = saved[0]["losses"]
+    assert all(r["losses"] == uninterrupted for r in saved)  # every rank reports the global mean
+    assert _rel(uninterrupted, eager_losses) < TOL, (uninterrupted, eager_losses)
+    for r in resumed:
+        assert r["loaded_step"] == SAVE_AT
+        assert _rel(r["losses"], uninterrupted[SAVE_AT:]) < TOL, (r["losses"], uninterrupted)
+        assert _rel(r["losses"], eager_losses[SAVE_AT:]) < TOL
+        # the interrupted save: every rank raised, the previous checkpoint is still the latest
+        assert r["failed_save"].startswith("CheckpointError") and "rank(s) [1]" in r["failed_save"]
+        assert "injected: disk full" in r["failed_save"]
+        assert r["latest"] == f"step_{SAVE_AT:08d}" and r["reloaded_step"] == SAVE_AT
+        assert r["reload_equal"]
+    assert (root / f".step_{STEPS:08d}.partial").exists() and not (root / f"step_{STEPS:08d}").exists()
+
+    # one file for inference, through the command line, loads into the unparallelized model
+    exported = tmp_path / "tiny.pt"
+    proc = subprocess.run([sys.executable, "-m", "mopc", "export", str(root), str(exported)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"step {SAVE_AT}" in proc.stdout and str(exported) in proc.stdout
+    _, ref = _eager(SAVE_AT)
+    model = build_model("tiny", device="cpu", seed=1)  # other values, all overwritten
+    model.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+    for (name, got), want in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        err = (got - want).norm() / want.norm().clamp_min(1e-12)
+        assert err < TOL, (name, float(err))
+
+
+@pytest.mark.multiprocess
+def test_checkpoint_reshards_world4_tp2_ep4_to_world2_ep2(tmp_path):
+    _roundtrip(tmp_path, compile_=False)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.large
+def test_checkpoint_reshards_compiled(tmp_path):
+    _roundtrip(tmp_path, compile_=True)
+
+
+# ---------------------------------------------------------------------------- one process
+
+
+def _train(model, opt, steps: range) -> None:
+    for step in steps:
+        model(**synthetic_batch(step, BATCH, SEQ, model.config.vocab_size, 0)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_save_load_unparallelized_is_exact(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny", device="cpu", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+    _train(model, opt, range(2))
+    ckpt.save(tmp_path, model, opt, step=2)
+    _train(model, opt, range(2, 4))
+
+    other = build_model("tiny", device="cpu", seed=7)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1.0)
+    assert ckpt.load(tmp_path, other, other_opt) == 2
+    assert other_opt.param_groups[0]["lr"] == LR and other_opt.param_groups[0]["weight_decay"] == 0.05
+    _train(other, other_opt, range(2, 4))
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)  # same program, same state: bitwise
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+
+
+def test_load_refuses_another_model(tmp_path):
+    import dataclasses
+
+    from mopc.models import PRESETS
+
+    model = build_model("tiny", device="cpu", seed=0)
+    ckpt.save(tmp_path, model, step=0)
+    wider = build_model(dataclasses.replace(PRESETS["tiny"], moe_inter_dim=48), device="cpu", seed=0)
+    with pytest.raises(ckpt.CheckpointError, match=r"layers\.\d+\.moe\.experts\.\w+: checkpoint shape \[8, "):
+        ckpt.load(tmp_path, wider)
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint under .*nowhere"):
+        ckpt.load(tmp_path / "nowhere", model)
