@@ -25,6 +25,11 @@ from mopc.runtime.trainer import synthetic_batch
 HERE = Path(__file__).parent
 BATCH, SEQ, LR, SAVE_AT, STEPS = 4, 16, 3e-3, 3, 6  # as in tests/mp_checkpoint.py
 TOL = 1e-5
+# Parameters against eager: Adam divides by sqrt(v), so an element whose gradient is at fp32
+# rounding level moves by up to lr either way (tests/mp_parity.py trains at lr 1e-4 for this);
+# at the trainer's lr 3e-3 over 3 steps the compiled program differs from eager by up to
+# ~1.2e-5 in a few such elements. The exported values themselves are compared bitwise.
+PARAM_TOL = 1e-4
 
 
 def _torchrun(world: int, out: Path, root: Path, phase: str, layout: str, *extra: str) -> list[dict]:
@@ -82,12 +87,15 @@ def _roundtrip(tmp_path: Path, compile_: bool) -> None:
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"step {SAVE_AT}" in proc.stdout and str(exported) in proc.stdout
-    _, ref = _eager(SAVE_AT)
+    weights = torch.load(exported, weights_only=True)
+    saved_full = torch.load(out / "saved_full.pt", weights_only=True)  # the saving run's own values
+    for name, value in saved_full.items():
+        assert torch.equal(weights[name], value), name  # export is exact
     model = build_model("tiny", device="cpu", seed=1)  # other values, all overwritten
-    model.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+    model.load_state_dict(weights, strict=True)
+    _, ref = _eager(SAVE_AT)
     for (name, got), want in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
-        err = (got - want).norm() / want.norm().clamp_min(1e-12)
-        assert err < TOL, (name, float(err))
+        assert (got - want).abs().max() <= PARAM_TOL, name
 
 
 @pytest.mark.multiprocess
