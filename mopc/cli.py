@@ -43,6 +43,28 @@ def _example_inputs(model, batch: int, seq_len: int, device: str) -> dict:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    if mop_options(args) and args.nproc is None and not args.html:
+        raise SystemExit(f"mopc explain: {', '.join('--' + k.replace('_', '-') for k in mop_options(args))} "
+                         "describe(s) a parallelized program; add --nproc N for its plan report")
+    if args.nproc is not None or args.html:  # the plan report of the parallelized program
+        from mopc.config import MoPConfigError
+        from mopc.report import build_report
+        from mopc.report_html import render_html
+
+        try:
+            report = build_report(args.model, args.nproc or 1, mop_options(args), rank=args.rank,
+                                  batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                                  dump_dir=args.dump_dir or None)
+        except (MoPConfigError, ValueError, RuntimeError) as err:
+            raise SystemExit(f"mopc explain: {err}") from None
+        print(report.text(params=args.params), end="")
+        if args.dump_dir:
+            print(f"pass dumps: {os.path.abspath(args.dump_dir)}/")
+        if args.html:
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(render_html(report))
+            print(f"html report: {os.path.abspath(args.html)}")
+        return 0
     from mopc.analysis import analyze
     from mopc.config import MoPConfig
     from mopc.passes.pipeline import PassContext, build_pipeline
@@ -318,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log mopc's passes (logger 'mopc')")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("explain", help="classify a model's parameters and nodes; dump the pass pipeline")
+    p = sub.add_parser("explain", help="classify a model's parameters and nodes; dump the pass pipeline; "
+                                       "with --nproc, the plan report of the parallelized program")
     p.add_argument("--model", default="tiny", help="preset: tiny, small, deepseek-v3, 1t")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=16)
@@ -326,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", action="store_true", help="build on the meta device (no allocation)")
     p.add_argument("--params", action="store_true", help="list every parameter with its role and why")
     p.add_argument("--dump-dir", default="mopc_dumps", help="where pass dumps go ('' to skip)")
+    p.add_argument("--nproc", type=_positive, default=None,
+                   help="explain the program parallelized over this many ranks (tiny, small): one process plays "
+                        "a rank of a fake process group; prints the plan report (--batch is per rank)")
+    p.add_argument("--rank", type=_non_negative, default=0, help="the rank whose program the report shows")
+    p.add_argument("--html", default=None, metavar="PATH",
+                   help="also write the plan report as one self-contained HTML page (implies --nproc 1 if unset)")
+    from mopc.report import add_option_flags
+
+    add_option_flags(p, skip=("dump_dir",))
     p.set_defaults(fn=cmd_explain)
 
     _add_train_parser(sub)
