@@ -9,8 +9,9 @@ over the world. DCP stores each rank's rows with their offsets, so a checkpoint 
 at world 4 with `ep=4` loads at world 2 with `ep=2`, or at `tp=1`, or into one process
 (`mopc export`): DCP reads whichever rows the loading rank asks for.
 
-Converting between the two forms gathers one full parameter at a time (an all-gather
-over the world, like `mopc.parallelize`'s initialisation); nothing else is materialised.
+Converting between the two forms is one all-to-all per tensor: each value goes straight
+from the rank holding it in mopc's layout to the rank holding its row in the canonical
+form (with its index), so no rank ever holds a full parameter, only its piece and its rows.
 
 A checkpoint directory holds one sub-directory per saved step and a `latest` file
 naming the newest complete one. A step is written to a hidden staging directory and
@@ -93,7 +94,7 @@ def _local_of(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _full_from_piece(piece: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
-    """All-gather the ranks' pieces of one parameter (or state tensor) into its full value."""
+    """All-gather the ranks' pieces of one (small, 0-d) parameter into its full value."""
     _, world = _world()
     gathered = piece.new_empty(piece.numel() * world)
     if world > 1:
@@ -103,17 +104,99 @@ def _full_from_piece(piece: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
     return gathered_to_full(gathered, list(layout.shape), layout.chunk_dim, layout.num_chunks, world)
 
 
-def _canonical(full: torch.Tensor, mesh) -> torch.Tensor:
-    """`full` as this rank's rows of a `Shard(0)` DTensor (a plain tensor for 0-d values)."""
+def _piece_indices(layout: ParamLayout, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where this rank's piece lives in the full tensor: (positions in the piece that hold
+    values, not padding; their flat indices in the full row-major tensor)."""
+    shape = list(layout.shape)
+    d, chunks = layout.chunk_dim, layout.num_chunks
+    chunk, piece = rank % chunks, rank // chunks
+    j = torch.arange(piece * layout.piece_numel, (piece + 1) * layout.piece_numel, device=device)
+    valid = j < layout.chunk_numel
+    j = j[valid]
+    chunk_shape = list(shape)
+    chunk_shape[d] //= chunks
+    full_stride = _contiguous_stride(tuple(shape))
+    flat = torch.zeros_like(j)
+    rest = j
+    for i in reversed(range(len(shape))):  # unravel in the chunk's shape, ravel in the full one
+        coord = rest % chunk_shape[i]
+        rest = rest // chunk_shape[i]
+        if i == d:
+            coord = coord + chunk * chunk_shape[d]
+        flat += coord * full_stride[i]
+    return valid.nonzero().squeeze(1), flat
+
+
+def _row_owner(flat: torch.Tensor, shape: tuple[int, ...], world: int) -> torch.Tensor:
+    row_numel = math.prod(shape[1:])
+    return (flat // row_numel) // -(-shape[0] // world)
+
+
+def _exchange(send: torch.Tensor, dest: torch.Tensor, world: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Send each element of `send` to rank `dest[i]` (all-to-all, uneven splits); returns what
+    this rank received, in sender order, and the (sent, received) split sizes."""
+    send_counts = torch.bincount(dest, minlength=world)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+    sent, received = send_counts.tolist(), recv_counts.tolist()
+    out = send.new_empty(sum(received))
+    dist.all_to_all_single(out, send.contiguous(), received, sent)
+    return out, sent, received
+
+
+def _canonical_from_piece(piece: torch.Tensor, layout: ParamLayout, mesh) -> torch.Tensor:
+    """This rank's rows of the canonical `Shard(0)` DTensor, from every rank's piece: each
+    value goes straight to the rank owning its row (one all-to-all of values and indices;
+    no rank holds more than its piece and its rows, never the full tensor)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    if full.dim() == 0:
-        return full.clone()
+    shape = tuple(layout.shape)
+    if len(shape) == 0:
+        return _full_from_piece(piece, layout).clone()
     rank, world = _world()
-    start, end = _row_range(full.shape[0], rank, world)
-    rows = full[start:end].clone()
-    return DTensor.from_local(rows, mesh, [Shard(0)], run_check=False, shape=full.shape,
-                              stride=_contiguous_stride(tuple(full.shape)))
+    start, end = _row_range(shape[0], rank, world)
+    row_numel = math.prod(shape[1:])
+    rows = piece.new_empty((end - start) * row_numel)
+    positions, flat = _piece_indices(layout, rank, piece.device)
+    values = piece.reshape(-1)[positions]
+    if world == 1:
+        rows[flat] = values
+    else:
+        dest = _row_owner(flat, shape, world)
+        order = torch.argsort(dest, stable=True)
+        got_values, _, _ = _exchange(values[order], dest[order], world)
+        got_flat, _, _ = _exchange(flat[order], dest[order], world)
+        rows[got_flat - start * row_numel] = got_values
+    return DTensor.from_local(rows.view(end - start, *shape[1:]), mesh, [Shard(0)], run_check=False,
+                              shape=torch.Size(shape), stride=_contiguous_stride(shape))
+
+
+def _piece_from_canonical(value: torch.Tensor, layout: ParamLayout, like: torch.Tensor) -> torch.Tensor:
+    """This rank's piece (shaped like `like`, padding zeroed) from the canonical rows: every
+    rank asks the owners of the rows its values live in (all-to-all of indices), and they
+    answer with the values (all-to-all back)."""
+    from torch.distributed.tensor import DTensor
+
+    rank, world = _world()
+    shape = tuple(layout.shape)
+    if not isinstance(value, DTensor) or len(shape) == 0:
+        return local_shard(value.reshape(shape).to(like.dtype), layout, rank)
+    rows = value.to_local().reshape(-1)
+    start, _ = _row_range(shape[0], rank, world)
+    base = start * math.prod(shape[1:])
+    positions, flat = _piece_indices(layout, rank, like.device)
+    piece = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+    if world == 1:
+        piece[positions] = rows[flat].to(like.dtype)
+        return piece.view_as(like)
+    dest = _row_owner(flat, shape, world)
+    order = torch.argsort(dest, stable=True)
+    asked, sent, received = _exchange(flat[order], dest[order], world)
+    answers = rows[asked - base]
+    back = answers.new_empty(sum(sent))
+    dist.all_to_all_single(back, answers.contiguous(), sent, received)
+    piece[positions[order]] = back.to(like.dtype)
+    return piece.view_as(like)
 
 
 def _empty_canonical(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, mesh) -> torch.Tensor:
@@ -126,25 +209,6 @@ def _empty_canonical(shape: tuple[int, ...], dtype: torch.dtype, device: torch.d
     rows = torch.empty((end - start, *shape[1:]), dtype=dtype, device=device)
     return DTensor.from_local(rows, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
                               stride=_contiguous_stride(shape))
-
-
-def _full_from_canonical(value: torch.Tensor) -> torch.Tensor:
-    """All-gather a canonical DTensor's rows into the full tensor (uneven rows padded)."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(value, DTensor):
-        return value
-    rows = value.to_local()
-    shape = tuple(value.shape)
-    _, world = _world()
-    if world == 1:
-        return rows.reshape(shape)
-    block = -(-shape[0] // world)
-    padded = rows.new_zeros((block, *shape[1:]))
-    padded[:rows.shape[0]] = rows
-    gathered = rows.new_empty((block * world, *shape[1:]))
-    dist.all_gather_into_tensor(gathered, padded.contiguous())
-    return gathered[:shape[0]]
 
 
 # ------------------------------------------------------------------------ state dicts
@@ -191,7 +255,7 @@ def _to_canonical(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     mesh = _mesh_of(model)
     state: dict[str, Any] = {}
     for fqn, value, layout in _model_entries(model):
-        state[f"model.{fqn}"] = _canonical(_full_from_piece(_local_of(value), layout), mesh) \
+        state[f"model.{fqn}"] = _canonical_from_piece(_local_of(value), layout, mesh) \
             if layout is not None else value.detach()
     if optimizer is not None:
         fqns = _param_fqns(model)
@@ -201,7 +265,7 @@ def _to_canonical(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
                 for name, value in optimizer.state.get(param, {}).items():
                     key = f"optim.{fqns[id(param)]}.{name}"
                     if layout is not None and _is_sharded_state(value, param):
-                        state[key] = _canonical(_full_from_piece(_local_of(value), layout), mesh)
+                        state[key] = _canonical_from_piece(_local_of(value), layout, mesh)
                     elif isinstance(value, torch.Tensor):
                         state[key] = value.detach()
                     else:
@@ -379,8 +443,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         if layout is None:
             value.data.copy_(loaded) if isinstance(value, nn.Parameter) else value.copy_(loaded)
             continue
-        rank, _ = _world()
-        _local_of(value).copy_(local_shard(_full_from_canonical(loaded), layout, rank))
+        local = _local_of(value)
+        local.copy_(_piece_from_canonical(loaded, layout, local))
     if optimizer is not None:
         _load_optimizer(optimizer, wanted, optim_keys, meta.get("optimizer_param_groups"))
     step = int(meta.get("step", -1))
@@ -392,7 +456,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, wanted: dict[str, Any],
                     optim_keys: dict[str, tuple[torch.Tensor, str, str]], groups: list | None) -> None:
     from torch.distributed.tensor import DTensor
 
-    rank, _ = _world()
     owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
     optimizer.state.clear()
     for key, (param, fqn, name) in optim_keys.items():
@@ -402,7 +465,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, wanted: dict[str, Any],
         loaded = wanted[key]
         layout = _layout_of(param)
         if layout is not None and isinstance(loaded, DTensor):
-            local = local_shard(_full_from_canonical(loaded), layout, rank)
+            local = _piece_from_canonical(loaded, layout, _local_of(param))
             value = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                        shape=param.shape, stride=param.stride()) \
                 if isinstance(param, DTensor) else local

@@ -10,6 +10,7 @@ into one file that loads into the unparallelized model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -149,3 +150,23 @@ def test_load_refuses_another_model(tmp_path):
         ckpt.load(tmp_path, wider)
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint under .*nowhere"):
         ckpt.load(tmp_path / "nowhere", model)
+
+
+@pytest.mark.parametrize(("shape", "chunk_dim", "chunks", "world"),
+                         [((8, 6), 0, 1, 4), ((8, 6), 1, 2, 4), ((4, 6, 10), 2, 2, 2), ((4, 6, 10), 0, 4, 8),
+                          ((5, 3), 0, 1, 4), ((7,), 0, 1, 3), ((6, 4, 2), 1, 2, 6)])
+def test_piece_indices_name_the_values_each_rank_holds(shape, chunk_dim, chunks, world):
+    from mopc.runtime.ownership import ParamLayout, local_shard
+
+    layout = ParamLayout("w", shape, chunk_dim=chunk_dim, num_chunks=chunks, world_size=world)
+    full = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) + 1.0  # value = flat index + 1
+    covered = torch.zeros(math.prod(shape), dtype=torch.long)
+    for rank in range(world):
+        piece = local_shard(full, layout, rank)
+        positions, flat = ckpt._piece_indices(layout, rank, torch.device("cpu"))
+        assert torch.equal(piece[positions], flat.to(torch.float64) + 1.0)
+        padding = torch.ones(piece.numel(), dtype=torch.bool)
+        padding[positions] = False
+        assert torch.all(piece[padding] == 0)
+        covered[flat] += 1
+    assert torch.all(covered == 1)  # every value held by exactly one rank
