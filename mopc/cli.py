@@ -99,7 +99,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 _TRAIN_FLAGS = frozenset({"model", "steps", "seed", "batch", "seq_len", "lr", "backend", "baseline", "json",
                           "quiet", "nproc", "compile_baseline", "verbose", "skew_experts", "save", "save_every",
-                          "resume"})
+                          "resume", "memory_timeline"})
 """Trainer flags; a MoPConfig field of the same name would be shadowed (and is not generated)."""
 
 _MOP_DEST = "mop__"
@@ -188,7 +188,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
                          seq_len=args.seq_len or _default_seq_len(args.model), lr=args.lr, backend=args.backend, baseline=args.baseline,
                          compile_baseline=args.compile_baseline, json_path=args.json, quiet=args.quiet,
                          skew_experts=args.skew_experts, save_dir=args.save, save_every=args.save_every,
-                         resume=args.resume, mop_options=options)
+                         resume=args.resume, memory_timeline=args.memory_timeline, mop_options=options)
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -253,6 +253,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         dump_dir = settings.mop_options.get("dump_dir")
         if dump_dir and settings.program == "mop":
             print(f"graph dumps, one file per pass (rank 0): {os.path.abspath(dump_dir)}/")
+        for path in report.get("memory_timeline_files") or []:
+            print(f"memory timeline: {path}")
         if settings.json_path:
             write_json(report, settings.json_path)
             print(f"report: {settings.json_path}")
@@ -293,6 +295,9 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="load the newest checkpoint under DIR (saved at any layout) and continue from its step "
                         "up to --steps")
+    p.add_argument("--memory-timeline", default=None, metavar="PATH",
+                   help="write each rank's memory by category over the last step to PATH.json and PATH.png "
+                        "(the plot needs matplotlib)")
     add_mop_options(p)
     p.set_defaults(fn=cmd_train)
 

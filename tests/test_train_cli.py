@@ -165,3 +165,25 @@ def test_save_and_resume_continue_like_one_run(tmp_path, monkeypatch, capsys):
         main([*common, "--steps", "3", "--resume", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match=r"--save-every 2 needs --save DIR"):
         main([*common, "--steps", "3", "--save-every", "2"])
+
+
+def test_memory_timeline_json_and_png(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["train", "--backend", "eager", "--model", "tiny", "--batch", "2", "--seq-len", "8", "--steps", "2",
+                 "--quiet", "--json", str(tmp_path / "r.json"), "--memory-timeline", str(tmp_path / "tl.png")]) == 0
+    doc = json.loads((tmp_path / "tl.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text())
+    (rank,) = doc["ranks"]
+    events = [s["event"] for s in rank["samples"]]
+    assert events[0] == "step start" and events[-1] == "step end"
+    assert {"save", "release", "grad", "optimizer step"} <= set(events)
+    first_grad = events.index("grad")
+    assert "save" not in events[first_grad:]  # forward saves, then backward accumulates gradients
+    assert all(a["seconds"] <= b["seconds"] for a, b in zip(rank["samples"], rank["samples"][1:]))
+    # the timeline is the last step's samples: its peak is at most the run's peak, and the
+    # activations it shows rise to the live-storage peak of that step
+    assert 0 < rank["peak_bytes"] <= report["memory"]["peak_bytes"]
+    assert max(s["activations"] for s in rank["samples"]) > 0
+    assert doc["tiers"]["host"].startswith("none")
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "tl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

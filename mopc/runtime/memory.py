@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from torch import nn
 
 log = logging.getLogger("mopc")
 
-__all__ = ["MemoryReport", "MemoryTracker", "local_tensor", "peak_rss_bytes", "storage_bytes"]
+__all__ = ["MemoryReport", "MemoryTracker", "TimelineSample", "local_tensor", "peak_rss_bytes", "storage_bytes"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -112,6 +113,26 @@ class MemoryReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TimelineSample:
+    """This rank's device-tier bytes at one sample point of a step (module doc). Everything
+    mopc holds today is device-tier: there is no host-resident state until offload exists."""
+
+    seconds: float
+    """Since the start of the step."""
+    event: str
+    """`step start`, `save` (autograd saved a new storage), `release` (a saved storage was
+    freed), `grad` (a gradient was accumulated), `optimizer step`, `step end`."""
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
 class _Saved:
     """What the pack hook hands autograd in place of a saved tensor; its death (autograd
     freeing the saved slot) is what releases the storage in the count."""
@@ -144,8 +165,12 @@ class MemoryTracker:
     """Counts this rank's live bytes by category over training steps; see the module doc."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, timeline: bool = False) -> None:
         self.model = model
+        self.record_timeline = timeline
+        self.timeline: list[TimelineSample] = []
+        """With `timeline=True`: every sample of the last step (see `TimelineSample`)."""
+        self._step_start = 0.0
         self.optimizer = optimizer
         self.rank = _default_rank() if rank is None else rank
         # Keyed by id() of the storage object: the entry holds the storage, so the id is
@@ -203,11 +228,14 @@ class MemoryTracker:
     def _live_bytes(self) -> int:
         return self._fixed_bytes + sum(e.storage.nbytes() for e in self._resizable.values())
 
-    def _sample(self) -> None:
+    def _sample(self, event: str = "save") -> None:
         live = self._live_bytes()
         total = self._params + self._grads + self._optimizer + live
         self._peak = max(self._peak, total)
         self._activations_peak = max(self._activations_peak, live)
+        if self.record_timeline:
+            self.timeline.append(TimelineSample(time.perf_counter() - self._step_start, event, self._params,
+                                                self._grads, self._optimizer, live))
 
     # ------------------------------------------------------------------ saved tensors
 
@@ -248,7 +276,7 @@ class MemoryTracker:
                 # Gradients may arrive without an accumulation hook (FSDP2 assigns its
                 # reduce-scattered shards to .grad directly): look at them again.
                 self._measure_grads()
-            self._sample()
+            self._sample("release")
         del self._live[sid]
         if entry.resizable:
             del self._resizable[sid]
@@ -264,11 +292,11 @@ class MemoryTracker:
         if key is not None:
             self._owned.add(key[0])
         self._set_grads()
-        self._sample()
+        self._sample("grad")
 
     def _on_optimizer_step(self, *_args: Any) -> None:
         self._measure_dynamic()
-        self._sample()
+        self._sample("optimizer step")
 
     def _install_hooks(self) -> list[Any]:
         handles = []
@@ -286,7 +314,9 @@ class MemoryTracker:
     def step(self) -> Iterator[MemoryTracker]:
         """Track one training step (forward, backward, optimizer step) inside the block."""
         self._measure_static()
-        self._sample()
+        self.timeline = []
+        self._step_start = time.perf_counter()
+        self._sample("step start")
         self._grad_hooks_fired = False
         handles = self._install_hooks()
         self._in_step = True
@@ -298,7 +328,7 @@ class MemoryTracker:
             for handle in handles:
                 handle.remove()
             self._measure_dynamic()
-            self._sample()
+            self._sample("step end")
 
     # ------------------------------------------------------------------ results
 
@@ -327,3 +357,63 @@ def _default_rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ---------------------------------------------------------------------------- timeline files
+
+_CATEGORIES = ("params", "grads", "optimizer", "activations")
+
+
+def timeline_paths(path: str) -> tuple[str, str]:
+    """`run.png`, `run.json` or `run` -> (`run.json`, `run.png`)."""
+    stem = path[:-5] if path.endswith((".json", ".JSON")) else path[:-4] if path.endswith((".png", ".PNG")) else path
+    return f"{stem}.json", f"{stem}.png"
+
+
+def write_timeline(path: str, per_rank: list[list[dict[str, Any]]], title: str) -> list[str]:
+    """Write every rank's last-step timeline as JSON and, when matplotlib is installed, as a
+    PNG (one panel per rank, bytes by category stacked over the step). Returns the files."""
+    import json
+
+    import os
+
+    json_path, png_path = timeline_paths(path)
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    doc = {
+        "title": title,
+        "tiers": {"device": list(_CATEGORIES),
+                  "host": "none: mopc keeps nothing in host memory yet (offload is not implemented)"},
+        "ranks": [{"rank": r, "peak_bytes": max((sum(s[c] for c in _CATEGORIES) for s in samples), default=0),
+                   "samples": samples} for r, samples in enumerate(per_rank)],
+    }
+    with open(json_path, "w") as f:
+        json.dump(doc, f, indent=1)
+    written = [json_path]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("--memory-timeline: matplotlib is not installed (pip install -e '.[bench]'); wrote %s only",
+                    json_path)
+        return written
+    fig, axes = plt.subplots(len(per_rank), 1, figsize=(9, 2.2 * len(per_rank) + 0.8), sharex=True, squeeze=False)
+    for r, (ax, samples) in enumerate(zip(axes[:, 0], per_rank, strict=True)):
+        ms = [1e3 * s["seconds"] for s in samples]
+        stacks = [[s[c] / 2**20 for s in samples] for c in _CATEGORIES]
+        ax.stackplot(ms, *stacks, labels=_CATEGORIES, step="post", alpha=0.85)
+        peak = doc["ranks"][r]["peak_bytes"] / 2**20
+        ax.set_ylabel(f"rank {r}\nMiB")
+        ax.set_title(f"rank {r}: device-tier peak {peak:.2f} MiB (host tier: none)", fontsize=9, loc="left")
+        grads = [i for i, s in enumerate(samples) if s["event"] == "grad"]
+        if grads:
+            ax.axvline(ms[grads[0]], color="k", lw=0.6, ls="--")
+    axes[0, 0].legend(loc="upper left", fontsize=8, ncol=4)
+    axes[-1, 0].set_xlabel("ms since the start of the step (dashed: first gradient accumulated)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    written.append(png_path)
+    return written

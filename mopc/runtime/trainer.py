@@ -145,6 +145,8 @@ class TrainSettings:
     """Also save every N steps (0: only after the last step)."""
     resume: str | None = None
     """Load the newest checkpoint under this directory and continue from its step."""
+    memory_timeline: str | None = None
+    """Write every rank's memory over the last step here (JSON, and PNG with matplotlib)."""
     mop_options: dict[str, Any] = field(default_factory=dict)
     """The `mopc.MoPConfig` fields the user set (only those)."""
 
@@ -418,7 +420,7 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
     program = build_program(settings, rank, world)
     optimizer = torch.optim.AdamW(program.module.parameters(), lr=settings.lr)
-    tracker = MemoryTracker(program.module, optimizer, rank=rank)
+    tracker = MemoryTracker(program.module, optimizer, rank=rank, timeline=bool(settings.memory_timeline))
     vocab = _vocab_size(program.module)
     start = 0
     if settings.resume:
@@ -427,6 +429,7 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         start = load(settings.resume, program.module, optimizer)
     records = _train_steps(settings, program, optimizer, tracker, rank, world, vocab, start)
 
+    timeline_files = _write_timeline(settings, tracker, rank, world) if settings.memory_timeline else []
     per_rank = _gather({"memory": tracker.report(),
                         "step_seconds": [r.seconds for r in records],
                         "comm_bytes": [r.comm.bytes_sent for r in records],
@@ -443,6 +446,7 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "config": {**asdict(settings), "program": settings.program, "runs_as": program.runs_as},
         "world_size": world,
         "start_step": start,
+        "memory_timeline_files": _gather(timeline_files, world)[0],
         "losses": [r.loss for r in records],
         "memory": {
             "peak_bytes": max(p["memory"]["peak"] for p in per_rank),
@@ -464,6 +468,18 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
         "num_params": sum(p.numel() for p in program.module.parameters()),
         "torch": torch.__version__,
     }
+
+
+def _write_timeline(settings: TrainSettings, tracker: MemoryTracker, rank: int, world: int) -> list[str]:
+    from mopc.runtime.memory import write_timeline
+
+    timelines = _gather([asdict(s) for s in tracker.timeline], world)
+    if rank == 0:
+        layout = ", ".join(f"{k}={v}" for k, v in sorted(settings.mop_options.items()) if k != "dump_dir")
+        title = (f"{settings.model}, {settings.program}{f' ({layout})' if layout else ''}, {world} rank(s), "
+                 f"global batch [{settings.batch}, {settings.seq_len}], step {settings.steps - 1}")
+        return write_timeline(settings.memory_timeline, timelines, title)  # type: ignore[arg-type]
+    return []
 
 
 def _guard_seconds(module: nn.Module) -> dict[str, float | None] | None:
