@@ -103,6 +103,15 @@ class _Compilation:
         start = time.perf_counter()
         fw, bw = split(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         seconds = time.perf_counter() - start
+        if self.config.offload != "none":
+            from mopc.passes.rewrite.offload import offload_saved_activations
+
+            start = time.perf_counter()
+            moved = offload_saved_activations(fw, bw, num_fwd_outputs=num_fwd_outputs, policy=self.config.offload,
+                                              prefetch=self.config.offload_prefetch)
+            log.info("mop: graph %s: offload=%s moves %d saved tensors (%d bytes) to host between forward and "
+                     "backward", self.graph_id, self.config.offload, moved.tensors, moved.bytes)
+            seconds += time.perf_counter() - start
         for name, graph in (("forward", fw), ("backward", bw)):  # TORCH_TRACE / tlparse
             trace_graph(f"mopc_{self.graph_id}_{name}", functools.partial(format_graph, graph))
         if self.writer is not None:

@@ -111,6 +111,18 @@ class MoPConfig:
     moves by this rate times sign(mean load - expert load), from the global token counts
     of the last forward. 0 = off. Set by `mopc.parallelize` (needs `ep > 1`)."""
 
+    # ------------------------------------------------------------ memory
+
+    offload: Literal["none", "experts"] = "none"
+    """Move tensors saved for backward to host memory between forward and backward, and
+    back before backward needs them (exact copies). `experts`: those a MoE layer's routed
+    experts, dispatch and combine produce (dispatched tokens, expert intermediates). On
+    CPU the host copies are a separate pool the memory accounting counts as host-tier."""
+
+    offload_prefetch: int = 1
+    """How many offloaded tensors backward brings back ahead of the one it is using (0:
+    each right before its first use)."""
+
     # ------------------------------------------------------------ gradient compression
 
     grad_compression: Literal["none", "skip_idle", "int8", "fp8", "powersgd"] = "none"
@@ -188,6 +200,9 @@ class MoPConfig:
         for name in ("grad_compression_block", "powersgd_rank"):
             if getattr(self, name) < 1:
                 raise MoPConfigError(f"mop option {name}={getattr(self, name)!r} must be a positive integer")
+        if self.offload_prefetch < 0:
+            raise MoPConfigError(f"mop option offload_prefetch={self.offload_prefetch!r} must be >= 0 "
+                                 "(0 = reload each tensor right before its first use)")
         if self.powersgd_warmup_steps < 0:
             raise MoPConfigError(
                 f"mop option powersgd_warmup_steps={self.powersgd_warmup_steps!r} must be >= 0 (0 = no warm-up)")

@@ -37,9 +37,10 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 # and `grad_compression=skip_idle` (exact) reduces only the used experts' gradients.
 CASES = [
     (2, "tp=1,loss_chunk_tokens=16;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
-        "ep=2,skew=1,expert_spill_factor=1.0,topk=1", 2),
+        "ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts", 2),
     (4, "tp=2;ep=4,skew=True,topk=3;"
-        "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle", 1),
+        "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle,"
+        "offload=experts,offload_prefetch=2", 1),
 ]
 
 
@@ -81,6 +82,9 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank)
             assert sum(whole in line for line in sdpa) == fallback, sdpa
         if r["options"].get("ep", 1) > 1:
             _check_expert_parallel(r, name, forward)
+        if r["options"].get("offload") == "experts":  # exact copies: the parity above holds with them
+            offloads = forward.count("= mopc.offload(")
+            assert offloads > 0 and offloads == _dump_text(out, index, "backward").count("= mopc.reload("), name
         if r["options"].get("grad_compression") and r["options"]["ep"] == world:
             # every rank owns its experts: no expert gradient is reduced, nothing to compress
             assert "compressed_reduce_grad" not in _dump_text(out, index, "backward"), name

@@ -15,7 +15,7 @@ from mopc.runtime.trainer import TrainSettings, TrainSettingsError
 
 REPORT_KEYS = {"config", "world_size", "losses", "memory", "comm_bytes_per_step", "comm_bytes_source",
                "step_time_s"}
-MEMORY_KEYS = {"rank", "params", "grads", "optimizer", "activations_peak", "peak", "peak_rss"}
+MEMORY_KEYS = {"rank", "params", "grads", "optimizer", "activations_peak", "peak", "peak_rss", "host_peak"}
 
 
 def _sample(name: str, hint: typing.Any, default: typing.Any) -> tuple[list[str], typing.Any]:
@@ -184,6 +184,6 @@ def test_memory_timeline_json_and_png(tmp_path, monkeypatch):
     # activations it shows rise to the live-storage peak of that step
     assert 0 < rank["peak_bytes"] <= report["memory"]["peak_bytes"]
     assert max(s["activations"] for s in rank["samples"]) > 0
-    assert doc["tiers"]["host"].startswith("none")
+    assert doc["tiers"]["host"].startswith("none")  # offload="none"
     pytest.importorskip("matplotlib")
     assert (tmp_path / "tl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mopc.runtime.offload import is_host_tier, reload_listeners
+
 log = logging.getLogger("mopc")
 
 __all__ = ["MemoryReport", "MemoryTracker", "TimelineSample", "local_tensor", "peak_rss_bytes", "storage_bytes"]
@@ -108,6 +110,8 @@ class MemoryReport:
     activations_peak: int
     peak: int
     peak_rss: int
+    host_peak: int = 0
+    """Most bytes of offloaded activations held in host memory at once (`offload`)."""
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -115,18 +119,22 @@ class MemoryReport:
 
 @dataclass(frozen=True)
 class TimelineSample:
-    """This rank's device-tier bytes at one sample point of a step (module doc). Everything
-    mopc holds today is device-tier: there is no host-resident state until offload exists."""
+    """This rank's bytes at one sample point of a step (module doc): device-tier by
+    category, and `host`, the saved activations `offload` moved to host memory."""
 
     seconds: float
     """Since the start of the step."""
     event: str
     """`step start`, `save` (autograd saved a new storage), `release` (a saved storage was
-    freed), `grad` (a gradient was accumulated), `optimizer step`, `step end`."""
+    freed), `reload` (backward brought an offloaded tensor back), `grad` (a gradient was
+    accumulated), `optimizer step`, `step end`."""
     params: int
     grads: int
     optimizer: int
     activations: int
+    """Device-tier: saved storages autograd holds, plus tensors reloaded from host."""
+    host: int = 0
+    """Saved activations `offload` moved to host memory."""
 
     @property
     def total(self) -> int:
@@ -177,6 +185,9 @@ class MemoryTracker:
         # not reused while the entry lives, and it survives a resize (a data_ptr does not).
         self._live: dict[int, _Entry] = {}
         self._fixed_bytes = 0  # live saved bytes of entries that are not resizable
+        self._host: dict[int, int] = {}  # saved host-tier (offloaded) storages -> bytes
+        self._reloaded: dict[int, int] = {}  # tensors mopc::reload brought back, alive -> bytes
+        self._host_peak = 0
         self._resizable: dict[int, _Entry] = {}
         self._owned: set[int] = set()  # data_ptrs of params, grads and optimizer state
         self._params = self._grads = self._grads_max = self._optimizer = 0
@@ -193,6 +204,9 @@ class MemoryTracker:
         self._release_hook = _no_dynamo(self._release)
         self._on_grad_hook = _no_dynamo(self._on_grad)
         self._on_optimizer_step_hook = _no_dynamo(self._on_optimizer_step)
+        self._release_host_hook = _no_dynamo(self._release_host)
+        self._release_reload_hook = _no_dynamo(self._release_reload)
+        self._on_reload_hook = _no_dynamo(self._on_reload)
 
     # ------------------------------------------------------------------ categories
 
@@ -226,16 +240,22 @@ class MemoryTracker:
         self._owned = owned
 
     def _live_bytes(self) -> int:
-        return self._fixed_bytes + sum(e.storage.nbytes() for e in self._resizable.values())
+        device = self._fixed_bytes + sum(e.storage.nbytes() for e in self._resizable.values())
+        return device + sum(self._reloaded.values())
+
+    def _host_bytes(self) -> int:
+        return sum(self._host.values())
 
     def _sample(self, event: str = "save") -> None:
         live = self._live_bytes()
         total = self._params + self._grads + self._optimizer + live
         self._peak = max(self._peak, total)
         self._activations_peak = max(self._activations_peak, live)
+        host = self._host_bytes()
+        self._host_peak = max(self._host_peak, host)
         if self.record_timeline:
             self.timeline.append(TimelineSample(time.perf_counter() - self._step_start, event, self._params,
-                                                self._grads, self._optimizer, live))
+                                                self._grads, self._optimizer, live, host))
 
     # ------------------------------------------------------------------ saved tensors
 
@@ -243,6 +263,13 @@ class MemoryTracker:
         key = _storage_key(tensor)
         if key is None or key[0] in self._owned:
             return tensor
+        if is_host_tier(tensor):  # an offloaded activation: host memory, counted apart
+            sid = id(local_tensor(tensor).untyped_storage())
+            self._host[sid] = key[1]
+            self._sample()
+            saved = _Saved(tensor)
+            weakref.finalize(saved, self._release_host_hook, sid)
+            return saved
         storage = local_tensor(tensor).untyped_storage()
         sid = id(storage)
         entry = self._live.get(sid)
@@ -285,6 +312,22 @@ class MemoryTracker:
 
     # ------------------------------------------------------------------ hooks
 
+    def _release_host(self, sid: int) -> None:
+        if self._host.pop(sid, None) is not None and self._in_step:
+            self._sample("release")
+
+    def _on_reload(self, tensor: torch.Tensor) -> None:
+        if not self._in_step:
+            return
+        key = id(tensor)
+        self._reloaded[key] = tensor.untyped_storage().nbytes()
+        weakref.finalize(tensor, self._release_reload_hook, key)
+        self._sample("reload")
+
+    def _release_reload(self, key: int) -> None:
+        if self._reloaded.pop(key, None) is not None and self._in_step:
+            self._sample("release")
+
     def _on_grad(self, param: torch.Tensor) -> None:
         self._grad_hooks_fired = True
         key = _storage_key(param.grad) if param.grad is not None else None
@@ -320,11 +363,13 @@ class MemoryTracker:
         self._grad_hooks_fired = False
         handles = self._install_hooks()
         self._in_step = True
+        reload_listeners.append(self._on_reload_hook)
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack_hook, self._unpack_hook):
                 yield self
         finally:
             self._in_step = False
+            reload_listeners.remove(self._on_reload_hook)
             for handle in handles:
                 handle.remove()
             self._measure_dynamic()
@@ -346,7 +391,7 @@ class MemoryTracker:
     def memory_report(self) -> MemoryReport:
         return MemoryReport(rank=self.rank, params=self._params, grads=self._grads_max,
                             optimizer=self._optimizer, activations_peak=self._activations_peak,
-                            peak=self._peak, peak_rss=peak_rss_bytes())
+                            peak=self._peak, peak_rss=peak_rss_bytes(), host_peak=self._host_peak)
 
 
 def _no_dynamo(fn: Any) -> Any:
@@ -374,7 +419,6 @@ def write_timeline(path: str, per_rank: list[list[dict[str, Any]]], title: str) 
     """Write every rank's last-step timeline as JSON and, when matplotlib is installed, as a
     PNG (one panel per rank, bytes by category stacked over the step). Returns the files."""
     import json
-
     import os
 
     json_path, png_path = timeline_paths(path)
@@ -382,8 +426,10 @@ def write_timeline(path: str, per_rank: list[list[dict[str, Any]]], title: str) 
     doc = {
         "title": title,
         "tiers": {"device": list(_CATEGORIES),
-                  "host": "none: mopc keeps nothing in host memory yet (offload is not implemented)"},
+                  "host": ["host"] if any(s.get("host") for samples in per_rank for s in samples)
+                  else "none: nothing was offloaded (offload='none')"},
         "ranks": [{"rank": r, "peak_bytes": max((sum(s[c] for c in _CATEGORIES) for s in samples), default=0),
+                   "host_peak_bytes": max((s.get("host", 0) for s in samples), default=0),
                    "samples": samples} for r, samples in enumerate(per_rank)],
     }
     with open(json_path, "w") as f:
@@ -404,12 +450,17 @@ def write_timeline(path: str, per_rank: list[list[dict[str, Any]]], title: str) 
         stacks = [[s[c] / 2**20 for s in samples] for c in _CATEGORIES]
         ax.stackplot(ms, *stacks, labels=_CATEGORIES, step="post", alpha=0.85)
         peak = doc["ranks"][r]["peak_bytes"] / 2**20
+        host_peak = doc["ranks"][r]["host_peak_bytes"] / 2**20
+        if host_peak:
+            ax.step(ms, [s.get("host", 0) / 2**20 for s in samples], where="post", color="k", lw=1.2,
+                    label="host tier (offloaded)")
         ax.set_ylabel(f"rank {r}\nMiB")
-        ax.set_title(f"rank {r}: device-tier peak {peak:.2f} MiB (host tier: none)", fontsize=9, loc="left")
+        ax.set_title(f"rank {r}: device-tier peak {peak:.2f} MiB, host-tier peak {host_peak:.2f} MiB",
+                     fontsize=9, loc="left")
         grads = [i for i, s in enumerate(samples) if s["event"] == "grad"]
         if grads:
             ax.axvline(ms[grads[0]], color="k", lw=0.6, ls="--")
-    axes[0, 0].legend(loc="upper left", fontsize=8, ncol=4)
+    axes[0, 0].legend(loc="upper left", fontsize=8, ncol=5)
     axes[-1, 0].set_xlabel("ms since the start of the step (dashed: first gradient accumulated)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
