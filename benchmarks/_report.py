@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 MEMORY_ROWS = (("params", "params"), ("grads", "grads"), ("optimizer", "optimizer"),
-               ("activations (peak)", "activations_peak"), ("peak", "peak"), ("peak RSS", "peak_rss"))
+               ("activations (peak)", "activations_peak"), ("peak", "peak"), ("host tier (peak)", "host_peak"),
+               ("peak RSS", "peak_rss"))
 """(row label, key of a `mopc train --json` per-rank memory record)."""
 
 

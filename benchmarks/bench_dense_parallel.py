@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from _report import MEMORY_ROWS, max_rel_diff, mib, render
 
-CONFIGS = ("mop", "mop_tp2", "fsdp2", "ddp")  # mop_tp2: mop with --tp 2 (tensor-parallel attention/MLP)
+MOP_CONFIGS = {  # mop variants: their extra `mopc train` flags
+    "mop": [],
+    "mop_tp2": ["--tp", "2"],  # tensor-parallel attention/MLP
+    "mop_ep4": ["--ep", "4"],  # expert parallel
+    "mop_ep4_offload": ["--ep", "4", "--offload", "experts"],  # ... with expert activations offloaded to host
+}
+CONFIGS = (*MOP_CONFIGS, "fsdp2", "ddp")
 DEFAULT_CONFIGS = ("mop", "fsdp2", "ddp")
 
 
@@ -41,7 +47,9 @@ def run_config(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, 
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
            "--seed", str(args.seed), "--lr", str(args.lr), "--json", str(json_path)]
     if name.startswith("mop"):
-        cmd += shlex.split(args.mop_flags) + (["--tp", "2"] if name == "mop_tp2" else [])
+        cmd += shlex.split(args.mop_flags) + MOP_CONFIGS[name]
+        if args.memory_timeline:
+            cmd += ["--memory-timeline", str(Path(args.memory_timeline) / name)]
         if args.dump_dir:
             cmd += ["--dump-dir", args.dump_dir]
     else:
@@ -103,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-baselines", default=True, action=argparse.BooleanOptionalAction,
                    help="compile FSDP2 and DDP with aot_eager (default) or run them eagerly")
     p.add_argument("--dump-dir", default=None, help="graph dumps of the mop run go here")
+    p.add_argument("--memory-timeline", default=None, metavar="DIR",
+                   help="each mop run writes its memory timeline (JSON, PNG) to DIR/<config>")
     p.add_argument("--out", default="benchmarks/results/dense_parallel.json")
     args = p.parse_args(argv)
 
