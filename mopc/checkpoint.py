@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from mopc.plan.mesh import all_gather_flat
 from mopc.runtime.ownership import ParamLayout, gathered_to_full, local_shard
 
 __all__ = ["CheckpointError", "export", "latest_step", "load", "save"]
@@ -98,7 +99,7 @@ def _full_from_piece(piece: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
     _, world = _world()
     gathered = piece.new_empty(piece.numel() * world)
     if world > 1:
-        dist.all_gather_into_tensor(gathered, piece.contiguous())
+        all_gather_flat(gathered, piece.contiguous())
     else:
         gathered.copy_(piece.reshape(-1))
     return gathered_to_full(gathered, list(layout.shape), layout.chunk_dim, layout.num_chunks, world)

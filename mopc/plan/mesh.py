@@ -150,3 +150,19 @@ def rank_device() -> torch.device:
     if device_type() == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# torch 2.13 renamed the flat collectives (the old names warn with a FutureWarning on every
+# rank); torch 2.11 has only the old ones.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """`output` = every rank's `input` concatenated in rank order (dim 0)."""
+    _all_gather_flat(output, input, group=group)
+
+
+def reduce_scatter_flat(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """`output` = this rank's block of the sum over ranks of `input`."""
+    _reduce_scatter_flat(output, input, group=group)

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mopc.plan.mesh import is_fake_group, resolve_group
+from mopc.plan.mesh import is_fake_group, reduce_scatter_flat, resolve_group
 from mopc.runtime.comm import bytes_sent
 from mopc.runtime.ownership import _reduce_grad_fake, full_to_gathered
 
@@ -229,7 +229,7 @@ def _rs_bytes(shard_numel: int, world: int, element_size: int) -> int:
 
 def _plain(gathered: torch.Tensor, group: dist.ProcessGroup, world: int) -> torch.Tensor:
     out = gathered.new_empty(gathered.shape[1])
-    dist.reduce_scatter_tensor(out, gathered.reshape(-1).contiguous(), group=group)
+    reduce_scatter_flat(out, gathered.reshape(-1).contiguous(), group=group)
     return out / world
 
 

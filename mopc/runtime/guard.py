@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from mopc.plan.mesh import all_gather_flat
+
 log = logging.getLogger("mopc.guard")
 
 
@@ -145,7 +147,7 @@ def check_input_shapes(args: Sequence[Any], names: Sequence[str | None], graph_i
     every = torch.empty(world, dtype=torch.int64, device=mine.device)
     start = time.perf_counter()
     try:
-        dist.all_gather_into_tensor(every, mine)
+        all_gather_flat(every, mine)
     except Exception as err:
         if not _is_comm_failure(err):
             raise
@@ -242,7 +244,7 @@ class StepGuard:
         if world > 1:
             gathered = torch.empty(world * 3, dtype=flags.dtype, device=flags.device)
             try:
-                dist.all_gather_into_tensor(gathered, flags)
+                all_gather_flat(gathered, flags)
             except Exception as err:
                 if not _is_comm_failure(err):
                     raise

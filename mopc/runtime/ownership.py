@@ -27,11 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mopc.plan.mesh import resolve_group
+from mopc.plan.mesh import all_gather_flat, reduce_scatter_flat, resolve_group
 
 __all__ = [
     "ParamLayout",
@@ -131,7 +130,7 @@ def unshard_op(shard: torch.Tensor, shape: list[int], chunk_dim: int, num_chunks
     group = resolve_group(group_name)
     world = group.size()
     gathered = shard.new_empty(shard.numel() * world)
-    dist.all_gather_into_tensor(gathered, shard.contiguous(), group=group)
+    all_gather_flat(gathered, shard.contiguous(), group=group)
     return gathered_to_full(gathered, shape, chunk_dim, num_chunks, world)
 
 
@@ -147,7 +146,7 @@ def reduce_grad_op(grad: torch.Tensor, chunk_dim: int, num_chunks: int, group_na
     world = group.size()
     gathered = full_to_gathered(grad, chunk_dim, num_chunks, world).contiguous()
     out = grad.new_empty(gathered.numel() // world)
-    dist.reduce_scatter_tensor(out, gathered, group=group)
+    reduce_scatter_flat(out, gathered, group=group)
     return out.div_(world)
 
 
