@@ -326,6 +326,44 @@ def _add_export_parser(sub: Any) -> None:
     p.set_defaults(fn=cmd_export)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mopc.planner.search import format_plan, plan
+
+    try:
+        result = plan(args.model, gpus=args.gpus, gpu=args.gpu, seq_len=args.seq_len, global_batch=args.global_batch,
+                      host_mem_gb=args.host_mem_gb, skew_z=args.skew_z, projections=not args.no_projections)
+    except (ValueError, RuntimeError) as err:
+        raise SystemExit(f"mopc plan: {err}") from None
+    print(format_plan(result), end="")
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result.to_json(), f, indent=2)
+        print(f"plan: {os.path.abspath(args.json)}")
+    return 0
+
+
+def _add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser("plan", help="choose a layout: per-rank memory and step time of every mixture, on fakes",
+                       description="Estimate per-rank memory and step time of every layout mopc can run (and of "
+                                   "projections with features it lacks), choose the fastest that fits, and estimate "
+                                   "FSDP2 on the same model. Runs on fake tensors and a fake process group.")
+    p.add_argument("--model", default="small", help="preset (tiny, small, deepseek-v3, 1t) or PATH.json of "
+                                                   "MoEModelConfig fields")
+    p.add_argument("--gpus", type=_positive, required=True, help="number of ranks (devices)")
+    p.add_argument("--gpu", default="h200", help="hardware: h100, h200 or cpu (this machine)")
+    p.add_argument("--seq-len", type=_positive, default=4096)
+    p.add_argument("--global-batch", type=_positive, default=None,
+                   help="sequences per step (default: one per rank)")
+    p.add_argument("--host-mem-gb", type=float, default=None, help="host memory per node, GiB")
+    p.add_argument("--skew-z", type=float, default=2.326,
+                   help="routing skew percentile as a normal z-score (2.326: p99 of tokens per EP rank)")
+    p.add_argument("--no-projections", action="store_true", help="only layouts mopc can run today")
+    p.add_argument("--json", default=None, metavar="PATH", help="write candidates, chosen plan and FSDP2 here")
+    p.set_defaults(fn=cmd_plan)
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -367,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(sub)
     _add_export_parser(sub)
+    _add_plan_parser(sub)
     return parser
 
 

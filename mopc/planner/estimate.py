@@ -1,0 +1,350 @@
+"""Per-rank memory and step-time estimates of a candidate layout.
+
+Memory, by category (bytes per rank):
+- params, grads, optimizer: the shards of `model.layout_bytes` (exact: `make_plan`'s
+  layouts); AdamW keeps two moments per element and one 4-byte step counter per tensor;
+- activations: forward values saved for backward, per token, from probes of the real
+  compiled program (`probe.py`) scaled to the candidate's tokens per rank and layer counts;
+  the part sized by the rows an expert-parallel rank receives is scaled by the routing
+  skew (max over EP ranks of received rows / mean, at a percentile of a multinomial);
+- `live_peak` = params + optimizer + max(activations, grads): what
+  `mopc.runtime.memory.MemoryTracker` measures (saved activations are freed by the
+  compiled backward before its gradients accumulate);
+- transient (device only, not in the live-storage count): a layer's gathered weights
+  twice (in use and the next one), the token buffers of its collectives, plus the device's
+  reserved bytes. `peak` = live_peak + transient: what must fit the device.
+
+Time: compute = flops / (peak flops x mfu), from the probes' per-token flops plus the
+attention core, which grows with seq_len^2 per sequence; communication = bytes per mesh
+axis / link bandwidth (intra-node when the group fits in a node), not overlapped (mopc
+does not reorder collectives yet); pipeline bubble (p-1)/m of compute; offload traffic
+over the host link.
+
+Candidates with features mopc cannot run yet (bf16 mixed precision, pipeline stages,
+context parallelism, full recompute, activation or optimizer offload) are projections:
+the same per-token measurements, with each feature's effect modelled by a formula
+(`_project_*`); they are never what `search` chooses to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mopc.planner.hardware import HardwareSpec
+from mopc.planner.model import LayoutBytes, ModelInfo, layout_bytes
+from mopc.planner.probe import LayerCosts, ProbeResult
+
+__all__ = ["Candidate", "Estimate", "ProbeSet", "estimate", "routing_skew"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """A mixture of parallelisms. `missing` lists what mopc cannot run yet (empty: runnable)."""
+
+    world: int
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    cp: int = 1
+    microbatches: int = 1
+    vocab_parallel: bool = True
+    dtype: str = "fp32"
+    recompute: str = "min_cut"
+    """`min_cut` (mopc's partitioner: cheap ops recomputed) or `full` (only layer inputs saved)."""
+    offload_activations: bool = False
+    offload_optimizer: bool = False
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp * self.cp)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        out = []
+        if self.dtype != "fp32":
+            out.append("bf16 mixed precision")
+        if self.pp > 1:
+            out.append("pipeline parallelism")
+        if self.cp > 1:
+            out.append("context parallelism")
+        if self.recompute != "min_cut":
+            out.append("full activation recompute")
+        if self.offload_activations:
+            out.append("activation offload")
+        if self.offload_optimizer:
+            out.append("optimizer offload")
+        return tuple(out)
+
+    @property
+    def runnable(self) -> bool:
+        return not self.missing
+
+    def label(self) -> str:
+        parts = [f"dp{self.dp}", f"tp{self.tp}", f"ep{self.ep}"]
+        if self.pp > 1:
+            parts.append(f"pp{self.pp}x{self.microbatches}mb")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
+        extra = [self.dtype] if self.dtype != "fp32" else []
+        extra += ["full-recompute"] if self.recompute == "full" else []
+        extra += ["act-offload"] if self.offload_activations else []
+        extra += ["opt-offload"] if self.offload_optimizer else []
+        extra += [] if self.vocab_parallel else ["no-vocab-par"]
+        return " ".join(parts) + (" +" + ",".join(extra) if extra else "")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    candidate: Candidate
+    tokens_per_rank: int
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    live_peak: int
+    transient: int
+    peak: int
+    host_bytes: int
+    fits: bool
+    why_not: str
+    compute_s: float
+    comm_s: float
+    bubble_s: float
+    offload_s: float
+    step_time_s: float
+    tokens_per_s_per_gpu: float
+    comm_by_axis: dict[str, int] = field(default_factory=dict)
+    dominant: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.candidate
+        out = {"layout": c.label(), "dp": c.dp, "tp": c.tp, "ep": c.ep, "pp": c.pp, "cp": c.cp,
+               "microbatches": c.microbatches, "vocab_parallel": c.vocab_parallel, "dtype": c.dtype,
+               "recompute": c.recompute, "offload_activations": c.offload_activations,
+               "offload_optimizer": c.offload_optimizer, "runnable": c.runnable, "needs": list(c.missing)}
+        fields = asdict(self)
+        fields.pop("candidate")
+        out.update(fields)
+        out["peak_bytes_per_rank"] = self.peak
+        return out
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """The probes an estimate composes: `base` at tp=1, ep=1 and `split` at (tp_rep, ep_rep).
+
+    Per layer, the saved bytes of attention, dense MLP and norms come from `base` (tp=1) or
+    `split` (its tp; other degrees in between by the fraction 1 - 1/tp of a head shard that
+    a rank does not hold), the MoE block's from `base` (ep=1) or `split` (any ep > 1; the
+    received rows are scaled by the routing skew). Token collectives come from the probe of
+    the same degree, rescaled from the probe's group size to the candidate's.
+    """
+
+    base: ProbeResult
+    split: ProbeResult
+
+
+def routing_skew(tokens: int, top_k: int, num_experts: int, ep: int, percentile_z: float = 2.326) -> float:
+    """Max over EP ranks of received rows / mean, at a percentile (default z for p99) of a
+    multinomial: `tokens x top_k` rows of an EP group spread uniformly over `num_experts`."""
+    if ep <= 1:
+        return 1.0
+    rows = max(tokens * top_k, 1)
+    p = 1.0 / ep
+    mean = rows * p
+    return 1.0 + percentile_z * math.sqrt(rows * p * (1 - p)) / mean
+
+
+def _per_token(c: LayerCosts, tokens: int) -> dict[str, float]:
+    moe_rows = c.saved_bytes_ep_rows
+    return {"dense_part": (c.saved_bytes - c.saved_bytes_moe) / tokens,
+            "moe_part": (c.saved_bytes_moe - moe_rows) / tokens,
+            "ep_rows": moe_rows / tokens}
+
+
+def _saved_per_token(probes: ProbeSet, kind: str, tp: int, ep: int, skew: float) -> float:
+    base = probes.base.layers.get(kind)
+    if base is None:
+        return 0.0
+    b = _per_token(base, probes.base.tokens)
+    split = probes.split.layers.get(kind, base)
+    s = _per_token(split, probes.split.tokens)
+    frac = (1 - 1 / tp) / (1 - 1 / probes.split.tp) if probes.split.tp > 1 else 0.0
+    dense = b["dense_part"] + (s["dense_part"] - b["dense_part"]) * frac
+    moe = (s["moe_part"] + s["ep_rows"] * skew) if ep > 1 and probes.split.ep > 1 else (b["moe_part"] + b["ep_rows"])
+    return dense + moe
+
+
+def _group_size(axis: str, world: int, tp: int, ep: int) -> int:
+    names = axis.split("/")
+    if "world" in names:
+        return world
+    sizes = {"tp": tp, "ep": ep, "dp": world // tp, "edp": world // ep}
+    return sizes.get(names[0], world)
+
+
+def _rescale(kind: str, size_from: int, size_to: int) -> float:
+    def f(w: int) -> float:
+        if w <= 1:
+            return 0.0
+        return (w - 1) if kind == "all_gather" else (w - 1) / w
+    a = f(size_from)
+    return f(size_to) / a if a else 0.0
+
+
+def _canonical_axis(axis: str, op: str) -> str:
+    """The axis a token collective runs on: `world` (vocabulary loss), `tp` or `ep`."""
+    names = axis.split("/")
+    if "world" in names:
+        return "world"
+    if op == "all_to_all" or "tp" not in names:
+        return "ep" if ("ep" in names or op == "all_to_all") else names[0]
+    return "tp"
+
+
+def _token_comm(probes: ProbeSet, info: ModelInfo, c: Candidate, tokens: int, skew: float) -> dict[str, float]:
+    """Bytes this rank sends per step in token collectives, by axis (`tp`, `ep`, `world`):
+    tensor- and expert-parallel ones from the `split` probe (when the candidate uses that
+    degree), the vocabulary loss's from `base`; each rescaled to the candidate's group size."""
+    out: dict[str, float] = {}
+    wanted = {"tp": (probes.split, c.tp) if c.tp > 1 else None,
+              "ep": (probes.split, c.ep) if c.ep > 1 else None,
+              "world": (probes.base, c.world)}
+    for axis_name, pick in wanted.items():
+        if pick is None:
+            continue
+        probe, size_to = pick
+        size_from = {"tp": probe.tp, "ep": probe.ep, "world": probe.world}[axis_name]
+        for kind in ("head", "dense", "moe"):
+            costs = probe.layers.get(kind)
+            if costs is None:
+                continue
+            for key, sent in costs.token_comm.items():
+                axis, op = key.split(":")
+                if _canonical_axis(axis, op) != axis_name:
+                    continue
+                scale = tokens / probe.tokens * _rescale(op, size_from, size_to) * info.count(kind)
+                out[axis_name] = out.get(axis_name, 0.0) + sent * scale * (skew if axis_name == "ep" else 1.0)
+    return out
+
+
+def _flops(probes: ProbeSet, info: ModelInfo, tokens: int, seq_len: int, cp: int) -> float:
+    base = probes.base
+    total = 0.0
+    for kind in ("head", "dense", "moe"):
+        costs = base.layers.get(kind)
+        if costs is None:
+            continue
+        linear = costs.flops / base.tokens * tokens
+        # attention core: per sequence ~ seq_len^2; a rank holds tokens/seq_len sequences (1/cp of each)
+        per_seq = costs.attention_core_flops / base.batch / base.seq_len ** 2
+        core = per_seq * seq_len ** 2 * (tokens * cp / seq_len) / cp
+        total += (linear + core) * info.count(kind)
+    return total
+
+
+def estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, c: Candidate, *, global_batch: int | None,
+             seq_len: int, skew_z: float = 2.326, skew: float | None = None) -> Estimate:
+    """The memory and step-time estimate of candidate `c` (see the module docstring)."""
+    cfg = info.config
+    stage_ranks = c.world // c.pp
+    if global_batch is None:  # one sequence per context-parallel group and microbatch
+        global_batch = c.world // c.cp
+    # a sequence is split over cp ranks; the ranks of one pipeline stage share the batch
+    rows_per_rank = global_batch * c.cp / stage_ranks
+    tokens_per_rank = int(global_batch * seq_len // stage_ranks)  # per step, all microbatches
+    microbatches = max(int(rows_per_rank), 1) if c.pp > 1 else 1
+    c = dataclasses.replace(c, microbatches=microbatches)
+    tokens_in_flight = tokens_per_rank // microbatches * min(c.pp, microbatches) if c.pp > 1 else tokens_per_rank
+    if skew is None:
+        skew = routing_skew(tokens_per_rank * c.ep // max(c.microbatches, 1), cfg.top_k, cfg.num_experts, c.ep,
+                            skew_z)
+    lay: LayoutBytes = layout_bytes(info, stage_ranks, c.tp, c.ep, c.vocab_parallel)
+    half = c.dtype == "bf16"
+    # model state, per rank (a pipeline stage holds 1/pp of the layers)
+    shard_bytes = lay.param_bytes / c.pp
+    shard_numel = shard_bytes / 4
+    params = shard_numel * (2 if half else 4)
+    grads = shard_numel * (2 if half else 4)
+    optimizer = shard_numel * (12 if half else 8) + 4 * lay.num_tensors / c.pp  # bf16: fp32 master + moments
+    # activations of the tokens in flight
+    act_scale = 0.5 if half else 1.0
+    per_layer = {k: _saved_per_token(probes, k, c.tp, c.ep, skew) * act_scale for k in ("dense", "moe")}
+    head = _saved_per_token(probes, "head", c.tp, c.ep, skew) * act_scale
+    layers_per_stage = {k: info.count(k) / c.pp for k in ("dense", "moe")}
+    if c.recompute == "full":  # layer inputs kept, one layer's saved values rebuilt at a time in backward
+        item = 2 if half else 4
+        kept = sum(layers_per_stage.values()) * cfg.dim * item
+        activations = tokens_in_flight * (kept + head) + tokens_per_rank // max(c.microbatches, 1) * max(
+            per_layer.values(), default=0)
+    else:
+        activations = tokens_in_flight * (head + sum(per_layer[k] * layers_per_stage[k] for k in per_layer))
+    host = 0.0
+    if c.offload_activations:  # two layers' worth stay on the device (in use, prefetched)
+        on_device = 2 * tokens_per_rank // max(c.microbatches, 1) * max(per_layer.values(), default=0)
+        host += max(activations - on_device, 0)
+        activations = min(activations, on_device)
+    opt_device = optimizer
+    if c.offload_optimizer:
+        host += optimizer
+        opt_device = 0
+    live_peak = params + opt_device + max(activations, grads)
+    # transient: two layers' gathered weights, the biggest token buffers of a collective, reserved
+    item = 2 if half else 4
+    gathered = lay.gathered_bytes_max_layer * (0.5 if half else 1.0)
+    mb_tokens = tokens_per_rank // max(c.microbatches, 1)
+    token_buffers = max(c.tp * mb_tokens * cfg.dim * item,
+                        2 * mb_tokens * cfg.top_k * cfg.dim * item * skew if c.ep > 1 else 0)
+    transient = 2 * gathered + token_buffers + hw.reserved_bytes
+    peak = live_peak + transient
+    host_limit = hw.host_memory_bytes_per_node / min(hw.devices_per_node, c.world) * 0.9
+    why = []
+    if peak > hw.device_memory_bytes:
+        why.append("device memory")
+    if host > host_limit:
+        why.append("host memory")
+    if rows_per_rank < 1 or rows_per_rank != int(rows_per_rank):
+        why.append(f"global batch {global_batch} does not split into whole sequences over {stage_ranks // c.cp} "
+                   f"rank groups{'' if c.cp > 1 else ' (needs context parallelism)'}")
+    # time
+    flops = _flops(probes, info, tokens_per_rank, seq_len, c.cp)
+    if c.recompute == "full":
+        flops *= 4 / 3  # one more forward
+    compute_s = flops / (hw.peak_flops(c.dtype) * hw.mfu)
+    comm = {k: v * (0.5 if half else 1.0) for k, v in lay.comm_bytes.items()}
+    comm_total = {}
+    for key, sent in comm.items():
+        axis = key.split(":")[0]
+        comm_total[axis] = comm_total.get(axis, 0.0) + sent / c.pp
+    for axis, sent in _token_comm(probes, info, c, tokens_per_rank, skew).items():
+        comm_total[axis] = comm_total.get(axis, 0.0) + sent * (0.5 if half else 1.0)
+    if c.cp > 1:  # ring attention: every rank receives the other cp-1 blocks of K and V, forward and backward
+        kv = 2 * cfg.num_kv_heads * (cfg.head_dim or cfg.dim // cfg.num_heads) * item
+        comm_total["cp"] = 3 * tokens_per_rank * kv * (c.cp - 1) * (info.num_dense + info.num_moe) / c.pp
+    comm_s = 0.0
+    gpn = hw.devices_per_node
+    for axis, sent in comm_total.items():
+        size = {"tp": c.tp, "ep": c.ep, "cp": c.cp, "world": stage_ranks, "dp": stage_ranks // c.tp,
+                "edp": stage_ranks // c.ep}.get(axis, stage_ranks)
+        contiguous = axis in ("tp", "ep", "cp")
+        spans = size > gpn if contiguous else stage_ranks > gpn
+        comm_s += sent / hw.link_bandwidth(size, spans)
+    bubble_s = compute_s * (c.pp - 1) / c.microbatches if c.pp > 1 else 0.0
+    offload_s = 0.0
+    if c.offload_activations:
+        offload_s += max(0.0, 2 * host / hw.host_device_bandwidth - compute_s)  # overlapped with compute
+    if c.offload_optimizer:
+        offload_s += (grads + params) / hw.host_device_bandwidth + optimizer * 1.5 / (hw.hbm_bandwidth / 40)
+    step = compute_s + comm_s + bubble_s + offload_s
+    parts = {"compute": compute_s, "communication": comm_s, "pipeline bubble": bubble_s, "offload": offload_s}
+    return Estimate(candidate=c, tokens_per_rank=tokens_per_rank, params=int(params), grads=int(grads),
+                    optimizer=int(optimizer), activations=int(activations), live_peak=int(live_peak),
+                    transient=int(transient), peak=int(peak), host_bytes=int(host), fits=not why,
+                    why_not=", ".join(why), compute_s=compute_s, comm_s=comm_s, bubble_s=bubble_s,
+                    offload_s=offload_s, step_time_s=step,
+                    tokens_per_s_per_gpu=global_batch * seq_len / step / c.world if step else 0.0,
+                    comm_by_axis={k: int(v) for k, v in comm_total.items()},
+                    dominant=max(parts, key=parts.get))

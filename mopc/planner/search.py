@@ -1,0 +1,413 @@
+"""The search: every mixture mopc can run, plus projections, estimated; the fastest that fits.
+
+Runnable candidates (what `mopc.parallelize` accepts today): `tp` dividing the world, the
+heads and key/value heads, within a node; `ep` dividing the world and the expert count;
+`dp = world / tp`; `vocab_parallel` when the vocabulary divides the world; fp32 with
+AdamW; mopc's min-cut partitioner deciding save or recompute. Every rank holds whole
+sequences, so the global batch must have at least one sequence per rank.
+
+Projections (flagged `runnable: false` with what they need): bf16 mixed precision,
+pipeline stages (1F1B), context parallelism, full activation recompute, activation
+offload, optimizer offload: the fastest one that fits is reported next to the chosen
+plan, never chosen in its place.
+
+The baseline: FSDP2 (ZeRO-3 over all ranks, each MoE layer's experts gathered whole),
+as mopc's own baseline runs it (fp32, no recompute) and as a tuned run would (bf16 mixed
+precision, full activation checkpointing, and with `CPUOffloadPolicy`), with the longest
+sequence (one per rank) each variant fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mopc.planner.estimate import Candidate, Estimate, ProbeSet, estimate
+from mopc.planner.hardware import HardwareSpec, hardware
+from mopc.planner.model import ModelInfo, layout_bytes
+from mopc.planner.probe import LayerCosts, ProbeResult, probe_config, run_probe
+
+log = logging.getLogger("mopc.planner")
+
+__all__ = ["PlanResult", "fsdp2_estimate", "load_model_config", "model_info", "plan", "probes_for"]
+
+PROBE_SEQ_LEN = 64
+
+
+def load_model_config(model: Any) -> Any:
+    """A preset name, a path to a JSON of `MoEModelConfig` fields, or a `MoEModelConfig`."""
+    from mopc.models.moe_transformer import MoEModelConfig
+    from mopc.models.presets import PRESETS
+
+    if isinstance(model, MoEModelConfig):
+        return model
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(str(model))
+    if path.suffix == ".json" and path.exists():
+        fields = json.loads(path.read_text())
+        return MoEModelConfig(**fields)
+    raise ValueError(f"--model {model!r}: choose a preset ({', '.join(PRESETS)}) or a PATH.json of "
+                     "MoEModelConfig fields")
+
+
+# ---------------------------------------------------------------------------- probes (cached)
+
+_PROBES: dict[str, ProbeResult] = {}
+
+
+def _cache_dir() -> Path | None:
+    root = os.environ.get("MOPC_PLANNER_CACHE", str(Path.home() / ".cache" / "mopc" / "planner"))
+    return None if root in ("", "0") else Path(root)
+
+
+def _probe_key(config: Any, **layout: Any) -> str:
+    text = repr((dataclasses.asdict(config), sorted(layout.items()), 1))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _to_json(r: ProbeResult) -> dict:
+    d = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "model_config"}
+    d["layers"] = {k: dataclasses.asdict(v) for k, v in r.layers.items()}
+    d["layer_kinds"] = {str(k): v for k, v in r.layer_kinds.items()}
+    return d
+
+
+def _from_json(d: dict, config: Any) -> ProbeResult:
+    d = dict(d)
+    d["layers"] = {k: LayerCosts(**v) for k, v in d["layers"].items()}
+    d["layer_kinds"] = {int(k): v for k, v in d["layer_kinds"].items()}
+    return ProbeResult(model_config=probe_config(config), **d)
+
+
+def cached_probe(config: Any, *, world: int, tp: int, ep: int, vocab_parallel: bool,
+                 seq_len: int = PROBE_SEQ_LEN) -> ProbeResult:
+    """`run_probe` once per (model, layout); kept in memory and under `MOPC_PLANNER_CACHE`
+    (default ~/.cache/mopc/planner; `0` turns the disk cache off)."""
+    key = _probe_key(config, world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel, seq_len=seq_len)
+    if key in _PROBES:
+        return _PROBES[key]
+    root = _cache_dir()
+    path = root / f"probe_{key}.json" if root else None
+    if path is not None and path.exists():
+        try:
+            _PROBES[key] = _from_json(json.loads(path.read_text()), config)
+            return _PROBES[key]
+        except (ValueError, TypeError, KeyError):
+            pass
+    result = run_probe(config, world=world, tp=tp, ep=ep, batch=1, seq_len=seq_len,
+                       options={"vocab_parallel": vocab_parallel})
+    _PROBES[key] = result
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_to_json(result)))
+        except OSError:
+            pass
+    return result
+
+
+def _probe_world(config: Any, tp: int, ep: int) -> tuple[int, bool]:
+    """A world where every axis of the layout is its own group (world > tp, ep), and whether
+    the vocabulary divides it (the vocabulary-parallel loss needs that)."""
+    world = 2 * math.lcm(tp, ep)
+    return world, config.vocab_size % world == 0
+
+
+def probes_for(config: Any, tp: int, ep: int, vocab_parallel: bool = True) -> ProbeSet:
+    """The base probe (tp 1, ep 1) and the split probe at (tp, ep)."""
+    seq = min(PROBE_SEQ_LEN, config.max_seq_len)
+    world, vp = _probe_world(config, 1, 1)
+    base = cached_probe(config, world=world, tp=1, ep=1, vocab_parallel=vocab_parallel and vp, seq_len=seq)
+    if tp == 1 and ep == 1:
+        return ProbeSet(base=base, split=base)
+    world, vp = _probe_world(config, tp, ep)
+    split = cached_probe(config, world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel and vp, seq_len=seq)
+    return ProbeSet(base=base, split=split)
+
+
+def model_info(config: Any, probes: ProbeSet) -> ModelInfo:
+    return ModelInfo(config=config, probe_config=probe_config(config), param_roles=dict(probes.base.param_roles),
+                     itemsize=4)
+
+
+# ---------------------------------------------------------------------------- FSDP2
+
+
+def fsdp2_estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, *, world: int, global_batch: int,
+                   seq_len: int, variant: str) -> Estimate:
+    """FSDP2: every parameter flat over the world, a layer gathered whole (all its experts).
+
+    `fp32`: as `mopc train --baseline fsdp2` runs (fp32, activations as mopc's min-cut
+    program at tp 1, ep 1, the [tokens, vocab] logits and their log-softmax saved);
+    `tuned`: bf16 mixed precision (fp32 master weights and moments) and full activation
+    checkpointing; `tuned+offload`: also `CPUOffloadPolicy` (parameters, gradients and
+    optimizer state in host memory, one layer at a time on the device).
+    """
+    cfg = info.config
+    lay = layout_bytes(info, world, 1, 1, False)
+    tokens = global_batch * seq_len // world
+    half = variant != "fp32"
+    numel = lay.param_bytes / 4
+    params, grads = numel * (2 if half else 4), numel * (2 if half else 4)
+    optimizer = numel * (12 if half else 8) + 4 * lay.num_tensors
+    item = 2 if half else 4
+    logits = tokens * cfg.vocab_size * (item + 4)  # logits, and the fp32 log-softmax the loss saves
+    from mopc.planner.estimate import _flops, _saved_per_token
+
+    per_layer = {k: _saved_per_token(probes, k, 1, 1, 1.0) * (0.5 if half else 1.0) for k in ("dense", "moe")}
+    layers = info.num_dense + info.num_moe
+    if variant == "fp32":
+        activations = tokens * (per_layer.get("dense", 0) * info.num_dense + per_layer.get("moe", 0) * info.num_moe)
+    else:
+        activations = tokens * layers * cfg.dim * item + tokens * max(per_layer.values())
+    activations += logits
+    host = 0.0
+    if variant == "tuned+offload":
+        host = params + grads + optimizer
+        params = grads = optimizer = 0.0
+    live = params + optimizer + max(activations, grads)
+    transient = 2 * lay.gathered_bytes_max_layer * (0.5 if half else 1.0) + hw.reserved_bytes
+    peak = live + transient
+    host_limit = hw.host_memory_bytes_per_node / min(hw.devices_per_node, world) * 0.9
+    why = [w for w, bad in (("device memory", peak > hw.device_memory_bytes), ("host memory", host > host_limit))
+           if bad]
+    flops = _flops(probes, info, tokens, seq_len, 1) * (4 / 3 if half else 1.0)
+    compute_s = flops / (hw.peak_flops("bf16" if half else "fp32") * hw.mfu)
+    comm = sum(lay.comm_bytes.values()) * (0.5 if half else 1.0)
+    comm_s = comm / hw.link_bandwidth(world, world > hw.devices_per_node)
+    offload_s = (2 * numel * item) / hw.host_device_bandwidth if variant == "tuned+offload" else 0.0
+    step = compute_s + comm_s + offload_s
+    cand = Candidate(world=world, vocab_parallel=False, dtype="bf16" if half else "fp32",
+                     recompute="full" if half else "min_cut", offload_optimizer=variant == "tuned+offload")
+    return Estimate(candidate=cand, tokens_per_rank=tokens, params=int(params), grads=int(grads),
+                    optimizer=int(optimizer), activations=int(activations), live_peak=int(live),
+                    transient=int(transient), peak=int(peak), host_bytes=int(host), fits=not why,
+                    why_not=", ".join(why), compute_s=compute_s, comm_s=comm_s, bubble_s=0.0, offload_s=offload_s,
+                    step_time_s=step, tokens_per_s_per_gpu=global_batch * seq_len / step / world,
+                    comm_by_axis={"world": int(comm)}, dominant="compute" if compute_s > comm_s else "communication")
+
+
+def _max_seq_fitting(fn: Any, limit: int = 1 << 24) -> int:
+    """The largest sequence length (a multiple of 1024, one sequence per rank) for which fn(seq).fits."""
+    if not fn(1024).fits:
+        return 0
+    lo, hi = 1024, 2048
+    while hi <= limit and fn(hi).fits:
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        return lo
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        if fn(mid).fits:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---------------------------------------------------------------------------- search
+
+
+@dataclass
+class PlanResult:
+    model: str
+    world: int
+    hardware: HardwareSpec
+    seq_len: int
+    global_batch: int | None
+    """None: one sequence per context-parallel group (per candidate)."""
+    candidates: list[Estimate]
+    chosen: Estimate | None
+    projection: Estimate | None
+    fsdp2: dict[str, Any]
+    explanation: list[str]
+    seconds: float
+    probes: list[str] = field(default_factory=list)
+    max_seq_len: dict[str, int | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "gpus": self.world, "gpu": self.hardware.name, "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "candidates": [e.as_dict() for e in self.candidates],
+            "chosen": ({**self.chosen.as_dict(), "max_seq_len_that_fits": self.max_seq_len.get("chosen")}
+                       if self.chosen else None),
+            "best_projection": ({**self.projection.as_dict(),
+                                 "max_seq_len_that_fits": self.max_seq_len.get("best_projection")}
+                                if self.projection else None),
+            "fsdp2": self.fsdp2, "explanation": self.explanation, "seconds": self.seconds, "probes": self.probes,
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def runnable_degrees(config: Any, world: int, hw: HardwareSpec) -> tuple[list[int], list[int]]:
+    head_dim = config.head_dim or config.dim // config.num_heads
+    tps = [t for t in _divisors(world) if t <= hw.devices_per_node and config.num_heads % t == 0
+           and config.num_kv_heads % t == 0 and (config.num_heads * head_dim) % t == 0
+           and config.dense_inter_dim % t == 0 and config.dim % t == 0]
+    eps = [e for e in _divisors(world) if config.num_experts % e == 0]
+    return tps, eps
+
+
+def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, global_batch: int | None = None,
+         host_mem_gb: float | None = None, skew_z: float = 2.326, projections: bool = True,
+         max_tp_probe: int | None = None) -> PlanResult:
+    """Estimate every candidate layout of `model` on `gpus` devices; choose the fastest that fits."""
+    start = time.perf_counter()
+    config = load_model_config(model)
+    name = model if isinstance(model, str) else "config"
+    hw = hardware(gpu)
+    if host_mem_gb is not None:
+        hw = dataclasses.replace(hw, host_memory_bytes_per_node=int(host_mem_gb * 2**30))
+    world = gpus
+    tps, eps = runnable_degrees(config, world, hw)
+    vocab_parallel = config.vocab_size % world == 0
+    tp_rep = max(t for t in tps if max_tp_probe is None or t <= max_tp_probe)
+    ep_rep = min((e for e in eps if e > 1), default=1)
+    probes = probes_for(config, tp_rep, ep_rep, vocab_parallel)
+    info = model_info(config, probes)
+    estimates: list[Estimate] = []
+    for tp, ep in itertools.product(tps, eps):
+        cand = Candidate(world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel)
+        estimates.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len, skew_z=skew_z))
+    runnable = sorted(estimates, key=lambda e: (not e.fits, e.step_time_s if e.fits else e.peak))
+    chosen = runnable[0] if runnable else None
+    projected: list[Estimate] = []
+    if projections:
+        pps = [p for p in (1, 2, 4, 8) if world % p == 0 and info.num_dense + info.num_moe >= p]
+        cps = [c for c in (1, 2, 4, 8, 16, 32, 64) if world % c == 0]
+        for tp, ep, pp, cp, rc, off_a, off_o in itertools.product(
+                [t for t in tps if t in (1, tp_rep)], eps, pps, cps, ("min_cut", "full"), (False, True),
+                (False, True)):
+            if world % (tp * pp * cp) or (world // pp) % ep:
+                continue
+            cand = Candidate(world=world, tp=tp, ep=ep, pp=pp, cp=cp,
+                             vocab_parallel=vocab_parallel, dtype="bf16", recompute=rc, offload_activations=off_a,
+                             offload_optimizer=off_o)
+            projected.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
+                                      skew_z=skew_z))
+    fitting = sorted((e for e in projected if e.fits), key=lambda e: e.step_time_s)
+    projection = fitting[0] if fitting else (min(projected, key=lambda e: e.peak) if projected else None)
+    fsdp2 = {}
+    for variant in ("fp32", "tuned", "tuned+offload"):
+        est = fsdp2_estimate(info, probes, hw, world=world, global_batch=global_batch or world, seq_len=seq_len,
+                             variant=variant)
+        max_seq = _max_seq_fitting(lambda s, v=variant: fsdp2_estimate(info, probes, hw, world=world,
+                                                                        global_batch=world, seq_len=s, variant=v))
+        fsdp2[variant] = {**{k: v for k, v in est.as_dict().items() if k in (
+            "params", "grads", "optimizer", "activations", "transient", "host_bytes", "step_time_s",
+            "tokens_per_s_per_gpu", "why_not")}, "peak_bytes_per_rank": est.peak, "fits": est.fits,
+            "max_seq_len_that_fits": max_seq}
+    best = max(fsdp2.values(), key=lambda d: d["max_seq_len_that_fits"])
+    fsdp2_out = {"peak_bytes_per_rank": fsdp2["tuned"]["peak_bytes_per_rank"],
+                 "fits": any(d["fits"] for d in fsdp2.values()),
+                 "max_seq_len_that_fits": best["max_seq_len_that_fits"], "variants": fsdp2}
+    def longest(e: Estimate | None) -> int | None:
+        if e is None:
+            return None
+        return _max_seq_fitting(lambda s: estimate(info, probes, hw, e.candidate, global_batch=None, seq_len=s,
+                                                   skew_z=skew_z))
+
+    max_seq = {"chosen": longest(chosen), "best_projection": longest(projection)}
+    explanation = _explain(chosen, projection, runnable, fsdp2_out, hw)
+    explanation.append(f"longest sequence (one per rank or context-parallel group) that fits: runnable "
+                       f"{chosen.candidate.label() if chosen else '-'}: {max_seq['chosen'] or 0:,}; projection "
+                       f"{projection.candidate.label() if projection else '-'}: {max_seq['best_projection'] or 0:,}")
+    shown = runnable + sorted(projected, key=lambda e: (not e.fits, e.step_time_s if e.fits else e.peak))
+    probes_text = [f"probe tp{p.tp} ep{p.ep} world {p.world}: {p.seconds:.1f}s"
+                   for p in {id(p): p for p in (probes.base, probes.split)}.values()]
+    return PlanResult(model=name, world=world, hardware=hw, seq_len=seq_len, global_batch=global_batch,
+                      candidates=shown, chosen=chosen, projection=projection, fsdp2=fsdp2_out,
+                      explanation=explanation, seconds=time.perf_counter() - start, probes=probes_text,
+                      max_seq_len=max_seq)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _explain(chosen: Estimate | None, projection: Estimate | None, runnable: list[Estimate],
+             fsdp2: Mapping[str, Any], hw: HardwareSpec) -> list[str]:
+    lines = []
+    if chosen is not None and chosen.fits:
+        lines.append(f"chosen (runnable): {chosen.candidate.label()}: peak {_gib(chosen.peak)} of "
+                     f"{_gib(hw.device_memory_bytes)}, step {chosen.step_time_s:.3g}s, dominated by {chosen.dominant}")
+        others = [e for e in runnable if e.fits and e is not chosen]
+        if others:
+            lines.append(f"  next: {others[0].candidate.label()} at {others[0].step_time_s:.3g}s")
+    elif chosen is not None:
+        lines.append(f"no runnable layout fits: the smallest, {chosen.candidate.label()}, needs {_gib(chosen.peak)} "
+                     f"per rank of {_gib(hw.device_memory_bytes)} (params {_gib(chosen.params)}, grads "
+                     f"{_gib(chosen.grads)}, optimizer {_gib(chosen.optimizer)}, activations "
+                     f"{_gib(chosen.activations)}){'; ' + chosen.why_not if chosen.why_not else ''}")
+    if projection is not None:
+        state = "fits" if projection.fits else "does not fit either"
+        lines.append(f"best projection (NOT runnable, needs {', '.join(projection.candidate.missing)}): "
+                     f"{projection.candidate.label()} {state}: peak {_gib(projection.peak)}, host "
+                     f"{_gib(projection.host_bytes)}, step {projection.step_time_s:.3g}s")
+    lines.append(f"FSDP2 estimate: {'fits' if fsdp2['fits'] else 'out of memory'} at this length; longest sequence "
+                 f"it fits (one per rank): {fsdp2['max_seq_len_that_fits']:,} tokens")
+    return lines
+
+
+def estimate_layout(model: Any, *, world: int, tp: int = 1, ep: int = 1, global_batch: int, seq_len: int,
+                    vocab_parallel: bool = True, gpu: str = "cpu", skew: float | None = None) -> Estimate:
+    """The estimate of one runnable layout (what `mopc train --nproc world --tp .. --ep ..` runs)."""
+    config = load_model_config(model)
+    probes = probes_for(config, tp, ep, vocab_parallel)
+    info = model_info(config, probes)
+    cand = Candidate(world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel)
+    return estimate(info, probes, hardware(gpu), cand, global_batch=global_batch, seq_len=seq_len, skew=skew)
+
+
+def format_plan(result: PlanResult) -> str:
+    """The table of candidates, the chosen plan, the best projection and the FSDP2 estimate."""
+    hw = result.hardware
+    head = (f"mopc plan: {result.model} on {result.world} x {hw.name} ({hw.device_memory_bytes / 2**30:.0f} GiB each), "
+            f"seq_len {result.seq_len:,}, global batch "
+            f"{result.global_batch or 'one sequence per rank (per context-parallel group)'}; planned in "
+            f"{result.seconds:.1f}s ({'; '.join(result.probes)})")
+    cols = ("layout", "run?", "params", "grads", "optim", "activ", "transient", "peak", "host", "step s",
+            "tok/s/GPU", "fits")
+    rows = []
+    runnable = [e for e in result.candidates if e.candidate.runnable][:12]
+    projected = [e for e in result.candidates if not e.candidate.runnable][:12]
+    hidden = len(result.candidates) - len(runnable) - len(projected)
+    for e in runnable + projected:
+        rows.append((e.candidate.label(), "yes" if e.candidate.runnable else "proj", _g(e.params), _g(e.grads),
+                     _g(e.optimizer), _g(e.activations), _g(e.transient), _g(e.peak), _g(e.host_bytes),
+                     f"{e.step_time_s:.3g}", f"{e.tokens_per_s_per_gpu:,.0f}",
+                     "yes" if e.fits else f"no ({e.why_not})"))
+    widths = [max(len(str(r[i])) for r in (cols, *rows)) for i in range(len(cols))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if 1 < i < 11 else str(c).ljust(w)
+                              for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+    lines = [head, "memory per rank in GiB; 'proj' = a projection that needs features mopc does not have yet",
+             fmt(cols), "  ".join("-" * w for w in widths), *map(fmt, rows)]
+    if hidden:
+        lines.append(f"({hidden} more candidates in --json)")
+    lines.append("")
+    lines += result.explanation
+    lines.append("FSDP2 variants (ZeRO-3 over all ranks, experts gathered whole):")
+    for variant, d in result.fsdp2["variants"].items():
+        lines.append(f"  {variant:14s} peak {_g(d['peak_bytes_per_rank'])} GiB, host {_g(d['host_bytes'])} GiB, "
+                     f"{'fits' if d['fits'] else 'OOM (' + d['why_not'] + ')'}; longest sequence that fits: "
+                     f"{d['max_seq_len_that_fits']:,}")
+    return "\n".join(lines) + "\n"
+
+
+def _g(n: float) -> str:
+    return f"{n / 2**30:.1f}"

@@ -1,0 +1,180 @@
+"""The planner (mopc/planner): exact shard bytes, the estimate's composition, the search.
+
+Fast tests use hand-made probe results (no compilation). Tests that compile probes of the
+real program on fake tensors take 15-40 s each on 2 cores and are marked `large`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from mopc.models.presets import PRESETS
+from mopc.planner import Candidate, hardware, routing_skew
+from mopc.planner.estimate import ProbeSet, estimate
+from mopc.planner.model import ModelInfo, layout_bytes
+from mopc.planner.probe import LayerCosts, ProbeResult, probe_config
+
+
+@functools.cache
+def _tiny_roles() -> dict[str, str]:
+    """The roles mopc.analyze gives the tiny probe model (1 dense + 1 MoE layer), traced on fakes."""
+    from mopc.analysis import analyze
+    from mopc.models import build_model
+
+    model = build_model(probe_config(PRESETS["tiny"]), device="meta")
+    ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
+    return dict(analyze(model, {"input_ids": ids, "labels": ids}).param_roles)
+
+
+def _info(config=None) -> ModelInfo:
+    config = config or PRESETS["tiny"]
+    return ModelInfo(config=config, probe_config=probe_config(config), param_roles=_tiny_roles(), itemsize=4)
+
+
+def _probe(tp: int, ep: int, *, saved: int = 1000, moe: int = 400, rows: int = 100) -> ProbeResult:
+    layer = LayerCosts(saved_bytes=saved, saved_bytes_moe=moe, saved_bytes_ep_rows=rows if ep > 1 else 0,
+                       flops=10_000, attention_core_flops=1_000,
+                       token_comm={"tp:all_gather": 64 * (tp > 1), "ep:all_to_all": 128 * (ep > 1)})
+    head = LayerCosts(saved_bytes=500, flops=5_000, token_comm={"world:all_gather": 32})
+    return ProbeResult(model_config=probe_config(PRESETS["tiny"]), world=2 * max(tp, ep), tp=tp, ep=ep, batch=1,
+                       seq_len=64, options={}, layers={"head": head, "dense": layer, "moe": layer},
+                       layer_kinds={0: "dense", 1: "moe"}, param_roles={}, seconds=0.0, unknown_sizes=0)
+
+
+def test_layout_bytes_are_the_shards_parallelize_allocates():
+    """Per-rank bytes from the probe model x layer counts == make_plan on the full model."""
+    from mopc.config import MoPConfig
+    from mopc.models import build_model
+    from mopc.plan.layout import make_plan
+    from mopc.plan.mesh import MeshSpec
+
+    info = _info()
+    full = build_model(PRESETS["tiny"], device="meta")
+    full_roles = {}
+    for fqn in dict(full.named_parameters()):
+        parts = fqn.split(".")
+        if parts[0] == "layers":
+            layer = int(parts[1])
+            parts[1] = "0" if layer < 1 else "1"
+        full_roles[fqn] = info.param_roles[".".join(parts)]
+    for world, tp, ep in ((4, 1, 1), (4, 2, 4), (8, 4, 2)):
+        spec = MeshSpec(world_size=world, dp=world // tp, tp=tp, ep=ep)
+        plan = make_plan(full, full_roles, spec, MoPConfig(tp=tp, ep=ep))
+        expected = sum(lay.piece_numel * 4 for lay in plan.layouts.values())
+        got = layout_bytes(info, world, tp, ep, True)
+        assert got.param_bytes == expected
+        assert got.num_tensors == len(plan.layouts)
+        assert got.num_params == sum(p.numel() for p in full.parameters())
+
+
+def test_measured_categories_follow_adamw():
+    """params = grads; optimizer = 2 x params + a 4-byte step per tensor (as MemoryTracker counts AdamW)."""
+    info = _info()
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(2, 2))
+    est = estimate(info, probes, hardware("cpu"), Candidate(world=4, tp=2, ep=2), global_batch=8, seq_len=64)
+    lay = layout_bytes(info, 4, 2, 2, True)
+    assert est.params == est.grads == lay.param_bytes
+    assert est.optimizer == 2 * lay.param_bytes + 4 * lay.num_tensors
+    assert est.live_peak == est.params + est.optimizer + max(est.activations, est.grads)
+
+
+def test_activations_scale_with_tokens_layers_and_skew():
+    info = _info()
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(2, 2))
+    hw = hardware("cpu")
+    one = estimate(info, probes, hw, Candidate(world=2), global_batch=2, seq_len=64)
+    two = estimate(info, probes, hw, Candidate(world=2), global_batch=4, seq_len=64)
+    assert two.activations == 2 * one.activations
+    # tiny: 1 dense + 2 MoE layers + head, per token from the probe (64 tokens)
+    assert one.activations == 64 * (1000 + 2 * 1000 + 500) // 64
+    skewed = estimate(info, probes, hw, Candidate(world=2, ep=2), global_batch=2, seq_len=64, skew=2.0)
+    even = estimate(info, probes, hw, Candidate(world=2, ep=2), global_batch=2, seq_len=64, skew=1.0)
+    assert skewed.activations - even.activations == 3 * 100  # received rows (every synthetic layer has them), doubled
+
+
+def test_routing_skew_percentile():
+    assert routing_skew(1000, 8, 64, 1) == 1.0
+    small, large = routing_skew(64, 2, 16, 4), routing_skew(1 << 20, 2, 16, 4)
+    assert small > large > 1.0
+    assert large < 1.01
+
+
+def test_projections_are_flagged_and_never_runnable():
+    c = Candidate(world=8, pp=2, dtype="bf16", offload_optimizer=True)
+    assert not c.runnable
+    assert set(c.missing) == {"bf16 mixed precision", "pipeline parallelism", "optimizer offload"}
+    assert Candidate(world=8, tp=2, ep=4).runnable
+
+
+@pytest.mark.parametrize("world", [64, 256])
+def test_search_at_scale_with_given_probes(world, monkeypatch):
+    """The search's choice at world 64 and 256 (probes given): runnable, fits, fastest of those that fit."""
+    from mopc.planner import search
+
+    monkeypatch.setattr(search, "probes_for", lambda config, tp, ep, vp=True: ProbeSet(base=_probe(1, 1),
+                                                                                       split=_probe(tp, ep)))
+    monkeypatch.setattr(search, "model_info", lambda config, probes: _info(config))
+    result = search.plan("tiny", gpus=world, gpu="h100", seq_len=64)
+    chosen = result.chosen
+    assert chosen is not None and chosen.fits and chosen.candidate.runnable
+    assert chosen.candidate.tp * chosen.candidate.dp == world
+    fitting = [e for e in result.candidates if e.candidate.runnable and e.fits]
+    assert chosen.step_time_s == min(e.step_time_s for e in fitting)
+    assert PRESETS["tiny"].num_experts % chosen.candidate.ep == 0
+    out = result.to_json()
+    assert {"dp", "tp", "ep", "pp", "peak_bytes_per_rank", "step_time_s", "fits"} <= set(out["chosen"])
+    assert {"peak_bytes_per_rank", "fits", "max_seq_len_that_fits"} <= set(out["fsdp2"])
+    assert all(not c["runnable"] for c in out["candidates"] if c["needs"])
+
+
+def test_plan_cli_parser():
+    from mopc.cli import build_parser
+
+    args = build_parser().parse_args(["plan", "--model", "1t", "--gpus", "96", "--gpu", "h200", "--seq-len",
+                                      "1048576", "--json", "x.json"])
+    assert (args.gpus, args.gpu, args.seq_len, args.json) == (96, "h200", 1048576, "x.json")
+
+
+@pytest.mark.large
+def test_probe_saved_bytes_equal_the_measured_fake_step():
+    """A probe of tiny (full depth) at world 2 saves exactly what MemoryTracker measured in the
+    same program's fake-process-group step (mopc explain --nproc 2 --batch 4 --seq-len 64)."""
+    from mopc.planner.probe import run_probe
+
+    result = run_probe(PRESETS["tiny"], world=2, batch=4, seq_len=64, reduce_depth=False)
+    total = sum(c.saved_bytes for c in result.layers.values())
+    assert result.layer_kinds == {0: "dense", 1: "moe", 2: "moe"}
+    # the per-layer table keeps the last MoE layer: add the first back
+    assert total + result.layers["moe"].saved_bytes == 3_294_788
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("world", [64, 256])
+def test_plan_small_at_scale(world, tmp_path, monkeypatch):
+    """The planner's choice for `small` at world 64 and 256 on H100s, with real probes."""
+    from mopc.config import MoPConfig
+    from mopc.plan.mesh import MeshSpec
+    from mopc.planner import plan
+
+    monkeypatch.setenv("MOPC_PLANNER_CACHE", str(tmp_path))
+    result = plan("small", gpus=world, gpu="h100", seq_len=512, projections=False)
+    c = result.chosen.candidate
+    assert result.chosen.fits and c.runnable
+    MeshSpec.from_config(MoPConfig(tp=c.tp, ep=c.ep), world)  # a layout mopc.parallelize accepts
+    assert torch.distributed.is_initialized() is False
+
+
+def test_fsdp2_gathers_whole_expert_layers():
+    """FSDP2 gathers a whole MoE layer (every expert); mopc's EP layout gathers only its experts."""
+    from mopc.planner.search import fsdp2_estimate
+
+    info = _info(dataclasses.replace(PRESETS["tiny"]))
+    assert (layout_bytes(info, 4, 1, 1, False).gathered_bytes_max_layer
+            > layout_bytes(info, 4, 1, 4, True).gathered_bytes_max_layer)
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(1, 4))
+    fsdp = fsdp2_estimate(info, probes, hardware("h100"), world=4, global_batch=4, seq_len=64, variant="fp32")
+    assert fsdp.params == layout_bytes(info, 4, 1, 1, False).param_bytes
