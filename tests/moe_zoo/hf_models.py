@@ -99,10 +99,9 @@ def build_mixtral():
 
 
 # --------------------------------------------------------------------------------------------
-def build_qwen2_moe():
+def build_qwen2_moe(n_layers: int = 3):
     import transformers as T
 
-    n_layers = 3
     cfg = T.Qwen2MoeConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
         shared_expert_intermediate_size=48, num_hidden_layers=n_layers, num_attention_heads=4,
@@ -143,10 +142,9 @@ def build_qwen2_moe():
 
 
 # --------------------------------------------------------------------------------------------
-def build_deepseek_v3():
+def build_deepseek_v3(n_layers: int = 3):
     import transformers as T
 
-    n_layers = 3
     cfg = T.DeepseekV3Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=4,
@@ -195,7 +193,8 @@ def build_deepseek_v3():
 
 
 # --------------------------------------------------------------------------------------------
-def build_qwen3_moe():
+def build_qwen3_moe(experts_implementation: str = "batched_mm"):
+    """`experts_implementation="grouped_mm"` (transformers' default) routes rows by offsets."""
     import transformers as T
 
     n_layers = 2
@@ -203,7 +202,7 @@ def build_qwen3_moe():
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
-        tie_word_embeddings=True, attn_implementation="sdpa", experts_implementation="batched_mm",
+        tie_word_embeddings=True, attn_implementation="sdpa", experts_implementation=experts_implementation,
         **_TOKENS,
     )
 
@@ -229,14 +228,15 @@ def build_qwen3_moe():
 
 
 # --------------------------------------------------------------------------------------------
-def build_olmoe():
+def build_olmoe(experts_implementation: str = "eager"):
+    """`experts_implementation="grouped_mm"` (transformers' default) compiles to one graph."""
     import transformers as T
 
     n_layers = 2
     cfg = T.OlmoeConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=64, attn_implementation="eager", experts_implementation="eager",
+        max_position_embeddings=64, attn_implementation="eager", experts_implementation=experts_implementation,
         **_TOKENS,
     )
 

@@ -51,8 +51,10 @@ mopc_ops = torch.ops.mopc
 
 # Ops taking the number of expert groups as an argument: (op, argument index).
 _GROUP_COUNT_ARGS = {"mopc::grouped_mm_weight_grad": 3}
-# Grouped matmuls whose third operand is the cumulative row ends per expert.
-_OFFSET_OPERAND_OPS = frozenset({"mopc::grouped_mm", "mopc::grouped_mm_weight_grad", "aten::_grouped_mm"})
+# Grouped matmuls whose third operand is the cumulative row ends per expert (transformers 5.x
+# runs fp32 experts under torch.compile through its own (input, weight [E, ...], offs) ops).
+_OFFSET_OPERAND_OPS = frozenset({"mopc::grouped_mm", "mopc::grouped_mm_weight_grad", "aten::_grouped_mm",
+                                 "transformers::grouped_mm_fallback", "transformers::grouped_mm_fallback_backward"})
 
 
 class _Unsupported(Exception):
