@@ -30,7 +30,7 @@ demo: $(STAMP)
 # 8-rank runs and the larger property search are left out of `make test` (CI budget);
 # `make test-world8` and `make test-large` run them.
 # Two pytest-xdist workers: multi-process tests are scheduled first (tests/conftest.py).
-PYTEST_ARGS ?= -n 2 -m "not world8 and not large"
+PYTEST_ARGS ?= -n 2 -m "not world8 and not large" --durations=25
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
