@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from mopc.passes.dump import format_graph
 
 __all__ = ["PlanReport", "build_report"]
 
-OFFLOAD_NOTE = "offload: none (option not implemented yet)"
+OFFLOAD_NOTE = "offload: none (offload='none'; --offload experts moves expert activations to host)"
 REPORT_MODELS = ("tiny", "small")
 """Presets a report runs: it allocates this rank's shards and runs one step on the CPU."""
 
@@ -150,6 +151,48 @@ class PlanReport:
         return _format_text(self, params=params)
 
 
+# ---------------------------------------------------------------------------- offload
+
+_DTYPE_BYTES = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "b8": 1}
+_OFFLOAD_LINE = re.compile(r"^%(\S+): (\w+)\[([^\]]*)\] = mopc\.offload\(%([^)]+)\)(.*)$")
+OFFLOAD_HEADER = ("graph", "saved tensor", "tensor", "bytes", "node")
+
+
+def offloaded_tensors(report: PlanReport) -> list[tuple[str, str, str, int | None, str]]:
+    """(graph, saved tensor, dtype[shape], bytes, role/layer) of every `mopc.offload` in the
+    partitioned forward graphs (the `offload` rewrite's work). Bytes are None for a shape
+    known only at run time (the rows an expert-parallel rank receives)."""
+    rows = []
+    for graph in report.graphs:
+        for p in graph.passes:
+            if p.kind != "partition" or p.name != "forward":
+                continue
+            for line in p.text.splitlines():
+                m = _OFFLOAD_LINE.match(line.strip())
+                if m:
+                    _, dtype, shape, source, rest = m.groups()
+                    dims = [x.strip() for x in shape.split(",") if x.strip()]
+                    nbytes = math.prod(int(x) for x in dims) * _DTYPE_BYTES.get(dtype, 4) \
+                        if all(x.isdigit() for x in dims) else None
+                    rows.append((graph.graph_id, source, f"{dtype}[{shape}]", nbytes, rest.strip().lstrip("#").strip()))
+    return rows
+
+
+def offload_note(report: PlanReport) -> str:
+    rows = offloaded_tensors(report)
+    if not rows:
+        return OFFLOAD_NOTE
+    known = [r[3] for r in rows if r[3] is not None]
+    unknown = len(rows) - len(known)
+    return (f"offload: {len(rows)} saved tensors ({human_bytes(sum(known))}"
+            + (f" plus {unknown} sized at run time" if unknown else "")
+            + f") go to host memory between forward and backward (offload={report.options.get('offload')!r})")
+
+
+def offload_cells(row: tuple[str, str, str, int | None, str]) -> list[str]:
+    return [*row[:3], "run time" if row[3] is None else f"{row[3]:,}", row[4]]
+
+
 # ---------------------------------------------------------------------------- formatting helpers
 
 
@@ -196,7 +239,8 @@ def layer_comm_cells(row: LayerCommRow) -> list[str]:
 
 MEMORY_KEYS = (("params", "parameter shards"), ("grads", "gradient shards (most seen)"),
                ("optimizer", "optimizer state (AdamW)"), ("activations_peak", "saved activations (peak)"),
-               ("peak", "peak of their sum"), ("peak_rss", "process peak RSS (cross-check)"))
+               ("peak", "peak of their sum (device tier)"), ("host_peak", "offloaded to host (peak)"),
+               ("peak_rss", "process peak RSS (cross-check)"))
 
 
 def _format_text(report: PlanReport, *, params: bool) -> str:
@@ -222,8 +266,11 @@ def _format_text(report: PlanReport, *, params: bool) -> str:
         lines += ["", (f"collectives of graph {graph.graph_id} ({len(rows)}, {human_bytes(sent)} sent by this rank "
                       "per step; bytes of the tensors on this rank)"),
                   *table(COLLECTIVE_HEADER, [collective_cells(r) for r in rows], right=(3, 4, 5, 6))]
-    lines += ["", OFFLOAD_NOTE, "",
-              "memory of this rank's step (measured: live storages by category, mopc/runtime/memory.py)"]
+    offloaded = offloaded_tensors(report)
+    lines += ["", offload_note(report)]
+    if offloaded:
+        lines += table(OFFLOAD_HEADER, [offload_cells(r) for r in offloaded], right=(3,))
+    lines += ["", "memory of this rank's step (measured: live storages by category, mopc/runtime/memory.py)"]
     lines += [f"  {label:32s} {human_bytes(report.memory.get(key, 0)):>12s}" for key, label in MEMORY_KEYS]
     for graph in report.graphs:
         lines += ["", *_timeline_text(graph.timeline)]

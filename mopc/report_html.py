@@ -21,7 +21,7 @@ from mopc.report import (
     COMPONENT_HEADER,
     LAYER_COMM_HEADER,
     MEMORY_KEYS,
-    OFFLOAD_NOTE,
+    OFFLOAD_HEADER,
     PassRecord,
     PlanReport,
     collective_cells,
@@ -29,6 +29,9 @@ from mopc.report import (
     diff_summary,
     human_bytes,
     layer_comm_cells,
+    offload_cells,
+    offload_note,
+    offloaded_tensors,
 )
 
 __all__ = ["pass_diff", "render_html"]
@@ -305,7 +308,7 @@ def render_html(report: PlanReport) -> str:
                         "rank per step")),
         ("memory peak (measured)", human_bytes(report.memory.get("peak", 0))),
         ("memory peak (timeline estimate)", ", ".join(human_bytes(t.peak.total) for t in timelines) or "n/a"),
-        ("offload", OFFLOAD_NOTE.split(": ", 1)[1]),
+        ("offload", offload_note(report).split(": ", 1)[1]),
         ("graphs", ", ".join(f"{g.graph_id}: {len(g.passes)} steps" for g in report.graphs)),
         ("built in", f"{report.seconds:.1f} s"),
     ]
@@ -355,7 +358,7 @@ sent: bytes this rank sends under ring/pairwise algorithms (mopc/runtime/comm.py
 {_table("collective-table", coll_header, coll_rows, (4, 5, 6, 7))}
 </section>
 <section id="memory"><h2>Memory</h2>{_memory_section(report)}</section>
-<section id="offload"><h2>Offload</h2><p>{esc(OFFLOAD_NOTE)}</p></section>
+<section id="offload"><h2>Offload</h2><p>{esc(offload_note(report))}</p>{_offload_table(report)}</section>
 <section id="passes"><h2>Passes</h2>
 <p class="muted">Each pass's graph as the dumps print it (one line per node: value, op, role, layer, and the pass
 that created it), with a unified diff against the graph before it.</p>
@@ -366,3 +369,8 @@ that created it), with a unified diff against the graph before it.</p>
 <script>{_JS}</script>
 </body></html>
 """
+
+
+def _offload_table(report: PlanReport) -> str:
+    rows = [offload_cells(r) for r in offloaded_tensors(report)]
+    return _table("offload-table", OFFLOAD_HEADER, rows, (3,)) if rows else ""

@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import types
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -328,3 +329,18 @@ def test_page_renders_and_search_filters_in_a_headless_browser(page):
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_offloaded_tensors_are_listed_from_the_forward_graph():
+    from mopc.report import offload_note, offloaded_tensors
+
+    text = ("%grouped_mm: f32[u0, 32] = mopc.grouped_mm(%x, %w, %offs)  # role=expert layer=1\n"
+            "%offload_default: f32[u0, 32] = mopc.offload(%grouped_mm)  # role=expert layer=1\n"
+            "%offload_default_1: i64[32, 2] = mopc.offload(%getitem_17)  # role=dispatch layer=1")
+    graph = types.SimpleNamespace(graph_id="g0", passes=(PassRecord("forward", "partition", 0.0, text, None),))
+    report = types.SimpleNamespace(graphs=(graph,), options={"offload": "experts"})
+    rows = offloaded_tensors(report)
+    assert rows == [("g0", "grouped_mm", "f32[u0, 32]", None, "role=expert layer=1"),
+                    ("g0", "getitem_17", "i64[32, 2]", 512, "role=dispatch layer=1")]
+    assert offload_note(report).startswith("offload: 2 saved tensors (512 B plus 1 sized at run time) go to host")
+    assert offload_note(types.SimpleNamespace(graphs=(), options={})) == OFFLOAD_NOTE
