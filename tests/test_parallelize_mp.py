@@ -38,7 +38,7 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 CASES = [
     (2, "tp=1,loss_chunk_tokens=16;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
         "ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts", 2),
-    (4, "tp=2;ep=4,skew=True,topk=3;"
+    (4, "ep=4,skew=True,topk=3;"
         "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle,"
         "offload=experts,offload_prefetch=2", 1),
 ]

@@ -67,6 +67,7 @@ def test_a_view_that_cuts_a_changed_dim_across_pieces_is_refused():
         view_dims([[(6, 3)], [(4, 4)]], [6, 4], [4, 6])
 
 
+@pytest.mark.large  # CI budget: tests/test_hf_e2e_mp.py checks the same on real ranks
 def test_hf_mixtral_attention_runs_on_local_heads_on_a_fake_world(tmp_path, fake_world_factory, caplog):
     """transformers' Mixtral (eager attention, RoPE by rotate_half + cat, 4 heads / 2 kv heads,
     causal mask from sizes) at tp = 2 in a world of 4 (rank 3): every attention block is
