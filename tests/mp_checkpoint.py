@@ -27,6 +27,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 import mopc
 import mopc.checkpoint as ckpt
 from mopc.models import build_model, make_init_fn
+from mopc.runtime.ownership import full_parameters
 from mopc.runtime.trainer import rank_batch
 
 BATCH, SEQ, LR = 4, 16, 3e-3
@@ -60,16 +61,6 @@ def train(step_fn, opt, steps: range, rank: int, world: int, vocab: int) -> list
     return losses
 
 
-@torch.no_grad()
-def full_params(model) -> dict[str, torch.Tensor]:
-    """Every parameter's full value (reading a sharded attribute all-gathers it, on every rank)."""
-    out = {}
-    for fqn, _ in model.named_parameters():
-        owner, _, name = fqn.rpartition(".")
-        out[fqn] = getattr(model.get_submodule(owner), name).detach().clone()
-    return out
-
-
 def local_params(model) -> list[torch.Tensor]:
     return [p.detach().to_local().clone() for p in model.parameters()]
 
@@ -97,7 +88,7 @@ def main() -> None:
         report["losses"] = train(step_fn, opt, range(SAVE_AT), rank, world, vocab)
         saved = ckpt.save(root, model, opt, step=SAVE_AT, extra={"layout": layout_text})
         report["saved"] = str(saved)
-        full = full_params(model)
+        full = full_parameters(model)
         if rank == 0:
             torch.save(full, out / "saved_full.pt")
         report["losses"] += train(step_fn, opt, range(SAVE_AT, STEPS), rank, world, vocab)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mopc
+from mopc.runtime.ownership import full_parameters
 from tests.moe_zoo import hf_models
 
 LR, SEQ = 1e-4, 16
@@ -62,16 +63,6 @@ def _batch(step: int, size: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(3, hf_models.VOCAB, (size, SEQ), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
-
-
-def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's full value (a collective: the module properties gather the shards)."""
-    out = {}
-    for fqn, _ in model.named_parameters():
-        owner_name, _, attr = fqn.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        out[fqn] = getattr(owner, attr).detach().clone()
-    return out
 
 
 def _attention_shapes(dump: Path) -> list[list[int]]:
@@ -127,7 +118,7 @@ def run(name: str, options: dict, steps: int, per_rank: int, dump: Path) -> dict
             ref_losses.append(ref_loss.item())
     finally:
         logging.getLogger("mopc.passes").removeHandler(kept)
-    final, ref_final = _full_params(model), dict(ref.named_parameters())
+    final, ref_final = full_parameters(model), dict(ref.named_parameters())
     param_rel = {k: ((final[k] - p.detach()).abs().max() / p.detach().abs().max()).item()
                  for k, p in ref_final.items()}
     worst = max(param_rel, key=param_rel.get)

@@ -27,6 +27,7 @@ import mopc
 import mopc.runtime.compression
 from mopc.models import PRESETS, build_model, make_init_fn
 from mopc.models.moe_transformer import init_weights
+from mopc.runtime.ownership import full_parameters
 from mopc.runtime.trainer import synthetic_batch
 
 # Adam divides by sqrt(v): an element whose gradient is at fp32 rounding level moves by up to
@@ -34,16 +35,6 @@ from mopc.runtime.trainer import synthetic_batch
 # noise); 1e-4 keeps that well under 1e-5 while the loss still falls.
 SEQ, LR = 16, 1e-4
 PER_RANK = int(sys.argv[4]) if len(sys.argv) > 4 else 2
-
-
-def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's full value (gathering the shards through the module properties)."""
-    out = {}
-    for fqn, _ in model.named_parameters():
-        owner_name, _, attr = fqn.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        out[fqn] = getattr(owner, attr).detach().clone()
-    return out
 
 
 def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -135,7 +126,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         _skew(ref, hot)
         _skew(model, hot)
     init_diff = max((a - b).abs().max().item()
-                    for a, b in zip(_full_params(model).values(), _full_params(ref).values()))
+                    for a, b in zip(full_parameters(model).values(), full_parameters(ref).values()))
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
     rate = options.get("expert_bias_update_rate", 0.0)
@@ -170,8 +161,8 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
                 router.expert_bias += torch.sign(counts[0].mean() - counts[0]) * rate
         ref_losses.append(ref_loss.item())
     bias_diff = max(((a - b).abs().max().item() for a, b in zip(_biases(model), _biases(ref))), default=0.0)
-    final = _full_params(model)
-    param_diff = max((final[k] - v).abs().max().item() for k, v in _full_params(ref).items())
+    final = full_parameters(model)
+    param_diff = max((final[k] - v).abs().max().item() for k, v in full_parameters(ref).items())
     stats = torch.tensor([
         _local_bytes(model.parameters()), grad_bytes,
         _local_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0),

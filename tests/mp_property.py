@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from mp_parity import _full_grads, _full_params, _grad_rel_diff, _skew
+from mp_parity import _full_grads, _grad_rel_diff, _skew
 
 import mopc
 from mopc.models import build_model, make_init_fn
 from mopc.models.moe_transformer import MoEModelConfig
+from mopc.runtime.ownership import full_parameters
 from mopc.runtime.trainer import synthetic_batch
 
 LR, STEPS, TOL = 1e-4, 2, 1e-5
@@ -132,7 +133,7 @@ def run_case(case: dict) -> dict:
             ref_opt.step()
             ref_opt.zero_grad()
             loss_err = max(loss_err, abs(mean.item() / world - ref_loss.item()) / abs(ref_loss.item()))
-        final, expected = _full_params(model), _full_params(ref)
+        final, expected = full_parameters(model), full_parameters(ref)
         param_err = max((final[k] - v).abs().max().item() for k, v in expected.items())
     finally:
         torch._dynamo.reset()

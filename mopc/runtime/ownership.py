@@ -34,6 +34,7 @@ from mopc.plan.mesh import all_gather_flat, reduce_scatter_flat, resolve_group
 
 __all__ = [
     "ParamLayout",
+    "full_parameters",
     "full_to_gathered",
     "gathered_to_full",
     "local_shard",
@@ -241,3 +242,14 @@ def shard_module_params(
                                for name, (_, layout) in params.items()}
         for name, (new, _) in params.items():
             module._parameters[name] = new
+
+
+@torch.no_grad()
+def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's full value by name (a copy). On a parallelized model this is a
+    collective: reading a sharded attribute all-gathers it, so every rank must call it."""
+    out = {}
+    for fqn, _ in model.named_parameters():
+        owner, _, name = fqn.rpartition(".")
+        out[fqn] = getattr(model.get_submodule(owner) if owner else model, name).detach().clone()
+    return out
