@@ -231,6 +231,7 @@ def test_auto_plan_keeps_blocks_whose_tokens_cost_more_than_their_weights(tokens
     assert {f for f, lay in manual.layouts.items() if lay.kind == "tp"} == attention_and_mlp
 
 
+@pytest.mark.large  # CI budget (40 s): bucketing itself is checked by the parity and collective tests
 def test_bucket_mb_zero_gives_one_collective_per_parameter(tmp_path, fake_world_factory):
     world = fake_world_factory(8, 2)
     fwd, bwd, plan = _compile_and_read_dumps(tmp_path, world, 2, bucket_mb=0.0)
