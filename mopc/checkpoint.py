@@ -39,7 +39,7 @@ from torch import nn
 from mopc.plan.mesh import all_gather_flat
 from mopc.runtime.ownership import ParamLayout, gathered_to_full, local_shard
 
-__all__ = ["CheckpointError", "export", "latest_step", "load", "save"]
+__all__ = ["CheckpointError", "export", "latest_step", "load", "save", "saved_step"]
 
 log = logging.getLogger("mopc")
 
@@ -363,6 +363,14 @@ def latest_step(path: str | os.PathLike) -> Path | None:
             return step
     steps = sorted(p for p in root.glob(f"{_STEP_PREFIX}*") if (p / ".metadata").exists())
     return steps[-1] if steps else None
+
+
+def saved_step(path: str | os.PathLike) -> int | None:
+    """The step of the newest complete checkpoint under `path` (None when there is none, or
+    when it was not saved by `save`)."""
+    found = latest_step(path)
+    step = _read_meta(found).get("step") if found is not None else None
+    return step if isinstance(step, int) else None
 
 
 def _resolve(path: str | os.PathLike) -> Path:

@@ -214,14 +214,13 @@ class TrainSettings:
                 f"--save/--resume checkpoint mop and the eager reference, not --baseline {self.baseline}; "
                 "drop them for the baseline")
         if self.resume:
-            from mopc.checkpoint import _read_meta, latest_step
+            from mopc.checkpoint import latest_step, saved_step
 
-            found = latest_step(self.resume)
-            if found is None:
+            if latest_step(self.resume) is None:
                 raise TrainSettingsError(f"--resume {self.resume}: no complete checkpoint there (a step_* "
                                          "directory with DCP's .metadata); check the path, or drop --resume")
-            step = _read_meta(found).get("step")
-            if isinstance(step, int) and step >= self.steps:
+            step = saved_step(self.resume)
+            if step is not None and step >= self.steps:
                 raise TrainSettingsError(f"--resume {self.resume}: the checkpoint is at step {step} and --steps "
                                          f"{self.steps} ends there; pass --steps greater than {step}")
 
