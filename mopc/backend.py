@@ -66,6 +66,19 @@ def _decompositions(lowering: str) -> dict:
     return {}
 
 
+def _param_keys(inputs: GraphInputs, example_inputs: Sequence[Any]) -> dict[str, int]:
+    """Trainable parameter inputs -> their key in the optimizer hand-off registry."""
+    from mopc.runtime import host_optim
+
+    offset = len(inputs.names) - len(example_inputs)
+    keys = {}
+    for i, name in enumerate(inputs.names[offset:] if offset >= 0 else ()):
+        value = example_inputs[i]
+        if name in inputs.trainable and isinstance(value, torch.nn.Parameter):
+            keys[name] = host_optim.register_param(value)
+    return keys
+
+
 class _Compilation:
     """State of one Dynamo graph's compilation (its id, inputs, pipeline and dumps)."""
 
@@ -83,6 +96,7 @@ class _Compilation:
         self.config = config = config.replace(lowering=self.lowering)
         self.pipeline: Pipeline = build_pipeline(config)
         self.writer: DumpWriter | None = None
+        self.param_keys: dict[str, int] = _param_keys(self.inputs, example_inputs) if config.optimizer_offload else {}
 
     def _run_pipeline(self, graph: GraphModule, inputs: Sequence[Any], num_fwd_outputs: int) -> GraphModule:
         fqns = joint_param_fqns(graph, self.inputs)
@@ -112,6 +126,8 @@ class _Compilation:
             log.info("mop: graph %s: offload=%s moves %d saved tensors (%d bytes) to host between forward and "
                      "backward", self.graph_id, self.config.offload, moved.tensors, moved.bytes)
             seconds += time.perf_counter() - start
+        if self.param_keys:
+            seconds += self._insert_update_handoffs(joint, fw, bw)
         for name, graph in (("forward", fw), ("backward", bw)):  # TORCH_TRACE / tlparse
             trace_graph(f"mopc_{self.graph_id}_{name}", functools.partial(format_graph, graph))
         if self.writer is not None:
@@ -119,6 +135,16 @@ class _Compilation:
             self.writer.write("forward", fw, kind="partition", seconds=seconds, diff=None, note=note)
             self.writer.write("backward", bw, kind="partition", seconds=seconds, diff=None, note=note)
         return fw, bw
+
+    def _insert_update_handoffs(self, joint: GraphModule, fw: GraphModule, bw: GraphModule) -> float:
+        from mopc.passes.rewrite.optimizer_handoff import insert_update_handoffs
+
+        start = time.perf_counter()
+        fqns = joint_param_fqns(joint, self.inputs)
+        primals = [ph.name for ph in joint.graph.find_nodes(op="placeholder") if ph.name.startswith("primals")]
+        keys = {ph: self.param_keys[fqn] for ph, fqn in fqns.items() if fqn in self.param_keys}
+        insert_update_handoffs(fw, bw, primal_names=primals, keys=keys, fence_forward=self.lowering == "eager")
+        return time.perf_counter() - start
 
     def inference(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
         num_outputs = len(gm.graph.find_nodes(op="output")[0].args[0])

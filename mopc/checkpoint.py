@@ -37,6 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from mopc.plan.mesh import all_gather_flat
+from mopc.runtime.host_optim import wait_all_updates
 from mopc.runtime.ownership import ParamLayout, gathered_to_full, local_shard
 
 __all__ = ["CheckpointError", "export", "latest_step", "load", "save", "saved_step"]
@@ -310,6 +311,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         if staging.exists():
             shutil.rmtree(staging)  # left by an earlier save that died
     _barrier()
+    wait_all_updates()  # HostAdamW's updates still running from the last step()
     state = _to_canonical(model, optimizer)
     groups = _optimizer_groups(optimizer, _param_fqns(model)) if optimizer is not None else None
     state["mopc"] = {"step": step, "world_size": world}
@@ -405,6 +407,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     step_dir = _resolve(path)
     saved = _saved_shapes(step_dir)
     meta = _read_meta(step_dir)
+    wait_all_updates()
     mesh = _mesh_of(model)
     entries = list(_model_entries(model))
     wanted: dict[str, Any] = {}

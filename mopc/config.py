@@ -123,6 +123,12 @@ class MoPConfig:
     """How many offloaded tensors backward brings back ahead of the one it is using (0:
     each right before its first use)."""
 
+    optimizer_offload: bool = False
+    """Hand each parameter's reduced gradient shard to a host-resident optimizer
+    (`mopc.optim.HostAdamW`) from inside backward, so its update runs while backward goes
+    on, and make the next forward wait, per parameter, only for that parameter's update.
+    Without this option `HostAdamW` still keeps its state on host, but updates in `step()`."""
+
     # ------------------------------------------------------------ gradient compression
 
     grad_compression: Literal["none", "skip_idle", "int8", "fp8", "powersgd"] = "none"

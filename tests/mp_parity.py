@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import mopc
+import mopc.optim
 import mopc.runtime.compression
 from mopc.models import PRESETS, build_model, make_init_fn
 from mopc.models.moe_transformer import init_weights
@@ -108,6 +109,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
     ref = build_model(config, device="cpu", seed=0)
     model = build_model(config, device="meta", seed=0)
     biased_wo = options.pop("biased_wo", False)
+    host_adamw = options.pop("host_adamw", False)  # mopc.optim.HostAdamW (+ optimizer_offload), no clipping
     if biased_wo:  # a block tensor parallelism cannot express: it must fall back
         ref.layers[0].attention.wo = torch.nn.Linear(config.dim, config.dim, bias=True)
         init_weights(ref, 0)  # values by name: the same as make_init_fn gives the meta model
@@ -127,7 +129,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         _skew(model, hot)
     init_diff = max((a - b).abs().max().item()
                     for a, b in zip(full_parameters(model).values(), full_parameters(ref).values()))
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = mopc.optim.HostAdamW(model.parameters(), lr=LR) if host_adamw else torch.optim.AdamW(model.parameters(), lr=LR)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
     rate = options.get("expert_bias_update_rate", 0.0)
     ref_counts = _count_routing(ref) if rate else {}
@@ -140,7 +142,9 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         loss.backward()
         if step == 0:
             grads = _full_grads(model)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # HostAdamW: no clipping, so the updates started in backward are the ones used
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]) \
+            if host_adamw else torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
         opt.step()
         if step == steps - 1:
@@ -153,7 +157,8 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         ref_loss.backward()
         if step == 0:
             grad_diff = _grad_rel_diff(grads, ref)
-        ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)))
+        ref_norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]) if host_adamw
+                               else torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)))
         ref_opt.step()
         ref_opt.zero_grad()
         for router, counts in ref_counts.items():  # aux-loss-free balancing, by hand, from global counts
@@ -187,6 +192,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         "top_k": config.top_k,
         "expert_load": {str(k): v for k, v in mopc.expert_load_stats().items()},
         "compression": mopc.compression_stats(),
+        "host_adamw": opt.overlap_stats() if host_adamw else None,
     }
 
 

@@ -37,10 +37,10 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 # and `grad_compression=skip_idle` (exact) reduces only the used experts' gradients.
 CASES = [
     (2, "tp=1,loss_chunk_tokens=16;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
-        "ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts", 2),
+        "ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts,host_adamw=True,optimizer_offload=True", 2),
     (4, "ep=4,skew=True,topk=3;"
         "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle,"
-        "offload=experts,offload_prefetch=2", 1),
+        "offload=experts,offload_prefetch=2,host_adamw=True,optimizer_offload=True", 1),
 ]
 
 
@@ -85,6 +85,11 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank)
         if r["options"].get("offload") == "experts":  # exact copies: the parity above holds with them
             offloads = forward.count("= mopc.offload(")
             assert offloads > 0 and offloads == _dump_text(out, index, "backward").count("= mopc.reload("), name
+        if r["host_adamw"] is not None:  # every update started in backward, none redone in step()
+            stats = r["host_adamw"]
+            assert stats["staged_in_backward"] == stats["used_staged"] > 0 and stats["recomputed"] == 0, name
+            assert forward.count("mopc.await_update(") > 0 and \
+                _dump_text(out, index, "backward").count("mopc.grad_ready(") > 0, name
         if r["options"].get("grad_compression") and r["options"]["ep"] == world:
             # every rank owns its experts: no expert gradient is reduced, nothing to compress
             assert "compressed_reduce_grad" not in _dump_text(out, index, "backward"), name

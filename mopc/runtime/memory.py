@@ -7,6 +7,8 @@ eager and compiled steps is counting the bytes of live storages by category:
 - params: this rank's parameter storages (a DTensor parameter counts its local shard);
 - grads: the storages of the parameters' `.grad` (local shards likewise);
 - optimizer: the tensors in `optimizer.state` (Adam's moments, step counters, ...);
+  those in host memory (`mopc.optim.HostAdamW`'s state and master copies) are counted
+  apart as `optimizer_host`, outside the device-tier peak;
 - activations: storages saved for backward. A `saved_tensors_hooks` pack hook sees every
   tensor autograd saves, compiled regions included (AOTAutograd saves through
   `ctx.save_for_backward`). Each untyped storage counts once while any saved reference
@@ -112,6 +114,8 @@ class MemoryReport:
     peak_rss: int
     host_peak: int = 0
     """Most bytes of offloaded activations held in host memory at once (`offload`)."""
+    optimizer_host: int = 0
+    """Optimizer state (and master copies) kept in host memory (`mopc.optim.HostAdamW`)."""
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -135,6 +139,8 @@ class TimelineSample:
     """Device-tier: saved storages autograd holds, plus tensors reloaded from host."""
     host: int = 0
     """Saved activations `offload` moved to host memory."""
+    optimizer_host: int = 0
+    """Optimizer state and master copies held in host memory (`mopc.optim.HostAdamW`)."""
 
     @property
     def total(self) -> int:
@@ -190,7 +196,7 @@ class MemoryTracker:
         self._host_peak = 0
         self._resizable: dict[int, _Entry] = {}
         self._owned: set[int] = set()  # data_ptrs of params, grads and optimizer state
-        self._params = self._grads = self._grads_max = self._optimizer = 0
+        self._params = self._grads = self._grads_max = self._optimizer = self._optimizer_host = 0
         self._param_list: list[torch.Tensor] = []  # this step's parameters (taken at its start)
         self._grad_keys: dict[int, tuple[int, int] | None] = {}  # id(param) -> its grad's storage key
         self._grad_hooks_fired = False
@@ -231,7 +237,10 @@ class MemoryTracker:
         params = self._param_list
         grads = self._measure_grads()
         opt_state = list(_optimizer_tensors(self.optimizer))
-        self._optimizer = storage_bytes(opt_state)
+        host_state = [t for t in opt_state if is_host_tier(local_tensor(t))]
+        host_state += list(getattr(self.optimizer, "host_tensors", list)())
+        self._optimizer = storage_bytes(t for t in opt_state if not is_host_tier(local_tensor(t)))
+        self._optimizer_host = storage_bytes(host_state)
         owned = set()
         for t in [*params, *grads, *opt_state]:
             key = _storage_key(t) if t is not None else None
@@ -255,7 +264,7 @@ class MemoryTracker:
         self._host_peak = max(self._host_peak, host)
         if self.record_timeline:
             self.timeline.append(TimelineSample(time.perf_counter() - self._step_start, event, self._params,
-                                                self._grads, self._optimizer, live, host))
+                                                self._grads, self._optimizer, live, host, self._optimizer_host))
 
     # ------------------------------------------------------------------ saved tensors
 
@@ -391,7 +400,8 @@ class MemoryTracker:
     def memory_report(self) -> MemoryReport:
         return MemoryReport(rank=self.rank, params=self._params, grads=self._grads_max,
                             optimizer=self._optimizer, activations_peak=self._activations_peak,
-                            peak=self._peak, peak_rss=peak_rss_bytes(), host_peak=self._host_peak)
+                            peak=self._peak, peak_rss=peak_rss_bytes(), host_peak=self._host_peak,
+                            optimizer_host=self._optimizer_host)
 
 
 def _no_dynamo(fn: Any) -> Any:
@@ -415,6 +425,13 @@ def timeline_paths(path: str) -> tuple[str, str]:
     return f"{stem}.json", f"{stem}.png"
 
 
+_HOST_CATEGORIES = ("host", "optimizer_host")
+
+
+def _host_total(sample: dict[str, Any]) -> int:
+    return sum(sample.get(c, 0) for c in _HOST_CATEGORIES)
+
+
 def write_timeline(path: str, per_rank: list[list[dict[str, Any]]], title: str) -> list[str]:
     """Write every rank's last-step timeline as JSON and, when matplotlib is installed, as a
     PNG (one panel per rank, bytes by category stacked over the step). Returns the files."""
@@ -426,10 +443,10 @@ def write_timeline(path: str, per_rank: list[list[dict[str, Any]]], title: str) 
     doc = {
         "title": title,
         "tiers": {"device": list(_CATEGORIES),
-                  "host": ["host"] if any(s.get("host") for samples in per_rank for s in samples)
-                  else "none: nothing was offloaded (offload='none')"},
+                  "host": [c for c in _HOST_CATEGORIES if any(s.get(c) for samples in per_rank for s in samples)]
+                  or "none: nothing was offloaded (offload='none', no HostAdamW)"},
         "ranks": [{"rank": r, "peak_bytes": max((sum(s[c] for c in _CATEGORIES) for s in samples), default=0),
-                   "host_peak_bytes": max((s.get("host", 0) for s in samples), default=0),
+                   "host_peak_bytes": max((_host_total(s) for s in samples), default=0),
                    "samples": samples} for r, samples in enumerate(per_rank)],
     }
     with open(json_path, "w") as f:
@@ -452,8 +469,8 @@ def write_timeline(path: str, per_rank: list[list[dict[str, Any]]], title: str) 
         peak = doc["ranks"][r]["peak_bytes"] / 2**20
         host_peak = doc["ranks"][r]["host_peak_bytes"] / 2**20
         if host_peak:
-            ax.step(ms, [s.get("host", 0) / 2**20 for s in samples], where="post", color="k", lw=1.2,
-                    label="host tier (offloaded)")
+            ax.step(ms, [_host_total(s) / 2**20 for s in samples], where="post", color="k", lw=1.2,
+                    label="host tier (offloaded activations + optimizer)")
         ax.set_ylabel(f"rank {r}\nMiB")
         ax.set_title(f"rank {r}: device-tier peak {peak:.2f} MiB, host-tier peak {host_peak:.2f} MiB",
                      fontsize=9, loc="left")

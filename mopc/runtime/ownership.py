@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mopc.plan.mesh import all_gather_flat, reduce_scatter_flat, resolve_group
+from mopc.runtime.host_optim import wait_all_updates
 
 __all__ = [
     "ParamLayout",
@@ -128,6 +129,7 @@ def local_shard(full: torch.Tensor, layout: ParamLayout, rank: int) -> torch.Ten
 @torch.library.custom_op("mopc::unshard", mutates_args=())
 def unshard_op(shard: torch.Tensor, shape: list[int], chunk_dim: int, num_chunks: int, group_name: str) -> torch.Tensor:
     """All-gather this rank's piece over `group_name` (the world) into the full parameter."""
+    wait_all_updates()  # an eager read after HostAdamW.step() sees the updated shard
     group = resolve_group(group_name)
     world = group.size()
     gathered = shard.new_empty(shard.numel() * world)
@@ -248,6 +250,7 @@ def shard_module_params(
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's full value by name (a copy). On a parallelized model this is a
     collective: reading a sharded attribute all-gathers it, so every rank must call it."""
+    wait_all_updates()
     out = {}
     for fqn, _ in model.named_parameters():
         owner, _, name = fqn.rpartition(".")

@@ -414,11 +414,21 @@ def run_training(settings: TrainSettings) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def make_optimizer(settings: TrainSettings, module: nn.Module) -> torch.optim.Optimizer:
+    """AdamW; with `--optimizer-offload`, `mopc.optim.HostAdamW` (state on host, updates
+    started in backward)."""
+    if settings.mop_options.get("optimizer_offload"):
+        from mopc.optim import HostAdamW
+
+        return HostAdamW(module.parameters(), lr=settings.lr)
+    return torch.optim.AdamW(module.parameters(), lr=settings.lr)
+
+
 def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     """Build, train and measure on this rank; gather every rank's numbers into one report."""
     torch.manual_seed(settings.seed)
     program = build_program(settings, rank, world)
-    optimizer = torch.optim.AdamW(program.module.parameters(), lr=settings.lr)
+    optimizer = make_optimizer(settings, program.module)
     tracker = MemoryTracker(program.module, optimizer, rank=rank, timeline=bool(settings.memory_timeline))
     vocab = _vocab_size(program.module)
     start = 0
@@ -556,8 +566,11 @@ def _mib(n: int) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """Per-rank memory by category (MiB) and the run's losses, comm and step time."""
     cols = ("params", "grads", "optimizer", "activations_peak", "peak", "peak_rss")
+    host = [c for c in ("host_peak", "optimizer_host") if any(m.get(c) for m in report["memory"]["per_rank"])]
+    cols += tuple(host)
     head = f"{'rank':>4} " + " ".join(f"{c:>16}" for c in cols)
-    lines = ["memory per rank (MiB; live storages, peak_rss = process high-water mark)", head]
+    lines = ["memory per rank (MiB; live storages, peak_rss = process high-water mark"
+             + ("; peak = device tier, host_peak / optimizer_host = host tier" if host else "") + ")", head]
     for m in report["memory"]["per_rank"]:
         lines.append(f"{m['rank']:>4} " + " ".join(f"{_mib(m[c]):>16}" for c in cols))
     losses = report["losses"]
