@@ -4,7 +4,8 @@ Runs on the partitioned graphs, where "saved for backward" is explicit: the forw
 returns its outputs followed by the tensors the backward needs, and the backward graph
 takes each of those as a placeholder of the same name. For every saved tensor the policy
 chooses (`offload="experts"`: those produced by a MoE layer's routed-expert, dispatch or
-combine nodes — dispatched tokens, expert intermediates, combine weights):
+combine nodes — dispatched tokens, expert intermediates, combine weights; `offload="auto"`:
+the saved tensors `mopc.passes.rewrite.memory_policy` names, passed as `names`):
 
 1. forward: `h = mopc::offload(t)` right after `t`'s producer, and the forward returns `h`
    instead of `t`, so nothing keeps `t` alive after its last forward use;
@@ -20,6 +21,7 @@ inputs (placeholders of the forward) are never offloaded: they live anyway.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -44,23 +46,31 @@ def _nbytes(node: Node) -> int:
     return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
-def _chosen(node: Node, policy: str) -> bool:
+def _chosen(node: Node, policy: str | None, names: Collection[str] | None) -> bool:
     if node.op != "call_function" or not isinstance(node.meta.get("val"), torch.Tensor):
         return False
+    if names is not None:
+        return node.name in names
     if policy == "experts":
         return node.meta.get("mopc_role") in EXPERT_ROLES
     raise ValueError(f"offload policy {policy!r}")
 
 
-def offload_saved_activations(fw: GraphModule, bw: GraphModule, *, num_fwd_outputs: int, policy: str,
-                              prefetch: int) -> OffloadSummary:
-    """Rewrite `fw` and `bw` in place (see the module docstring)."""
+def offload_saved_activations(fw: GraphModule, bw: GraphModule, *, num_fwd_outputs: int, policy: str | None = None,
+                              prefetch: int, names: Collection[str] | None = None) -> OffloadSummary:
+    """Rewrite `fw` and `bw` in place (see the module docstring).
+
+    Either `policy` (`"experts"`) picks the saved tensors by role, or `names` lists them
+    (forward node names; names that are not saved call_function tensors are skipped).
+    """
+    if (policy is None) == (names is None):
+        raise ValueError("offload_saved_activations: pass exactly one of policy= and names=")
     prefetch = max(prefetch, 0)
     output = fw.graph.find_nodes(op="output")[0]
     outs = list(output.args[0])
     placeholders = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
     chosen = [(i, n) for i, n in enumerate(outs) if i >= num_fwd_outputs and isinstance(n, Node)
-              and n.name in placeholders and _chosen(n, policy) and outs.count(n) == 1]
+              and n.name in placeholders and _chosen(n, policy, names) and outs.count(n) == 1]
     if not chosen:
         return OffloadSummary(0, 0, ())
 
