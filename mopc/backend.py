@@ -115,9 +115,22 @@ class _Compilation:
         joint = self._run_pipeline(joint, joint_inputs, num_fwd_outputs)
         split = min_cut_rematerialization_partition if self.config.partitioner == "min_cut" else default_partition
         start = time.perf_counter()
-        fw, bw = split(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        if self.config.offload == "auto":  # save, recompute or offload each saved tensor, under the budget
+            from mopc.passes.rewrite.memory_policy import apply_memory_policy
+
+            fqns = joint_param_fqns(joint, self.inputs)
+            params = [(ph.meta["val"], fqns[ph.name] in self.inputs.trainable)
+                      for ph in joint.graph.find_nodes(op="placeholder") if ph.name in fqns]
+            fw, bw, self.memory_policy = apply_memory_policy(
+                joint, functools.partial(split, joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs),
+                joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                budget_gb=self.config.memory_budget_gb, params=params,
+                allow_recompute=self.config.partitioner == "min_cut", prefetch=self.config.offload_prefetch,
+                graph_id=self.graph_id, optimizer_on_host=self.config.optimizer_offload)
+        else:
+            fw, bw = split(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         seconds = time.perf_counter() - start
-        if self.config.offload != "none":
+        if self.config.offload == "experts":
             from mopc.passes.rewrite.offload import offload_saved_activations
 
             start = time.perf_counter()

@@ -113,11 +113,16 @@ class MoPConfig:
 
     # ------------------------------------------------------------ memory
 
-    offload: Literal["none", "experts"] = "none"
+    offload: Literal["none", "experts", "auto"] = "none"
     """Move tensors saved for backward to host memory between forward and backward, and
     back before backward needs them (exact copies). `experts`: those a MoE layer's routed
     experts, dispatch and combine produce (dispatched tokens, expert intermediates). On
-    CPU the host copies are a separate pool the memory accounting counts as host-tier."""
+    CPU the host copies are a separate pool the memory accounting counts as host-tier.
+    `auto`: a per-tensor choice of save, recompute or offload under `memory_budget_gb`."""
+
+    memory_budget_gb: float | None = None
+    """Device-memory budget per rank, GiB, that `offload="auto"` plans saved activations
+    under (None: no budget)."""
 
     offload_prefetch: int = 1
     """How many offloaded tensors backward brings back ahead of the one it is using (0:
@@ -209,6 +214,17 @@ class MoPConfig:
         if self.offload_prefetch < 0:
             raise MoPConfigError(f"mop option offload_prefetch={self.offload_prefetch!r} must be >= 0 "
                                  "(0 = reload each tensor right before its first use)")
+        budget = self.memory_budget_gb
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise MoPConfigError(f"mop option memory_budget_gb={budget!r} must be a positive finite number of "
+                                 "GiB per rank (e.g. 40.0), or None for no budget")
+        if self.offload == "auto" and budget is None:
+            raise MoPConfigError("mop option offload='auto' chooses save, recompute or offload under a device "
+                                 "budget, but memory_budget_gb=None; set memory_budget_gb (GiB per rank, e.g. 40.0) "
+                                 "or choose offload='experts'")
+        if budget is not None and self.offload != "auto":
+            raise MoPConfigError(f"mop option memory_budget_gb={budget!r} acts only with offload='auto', but "
+                                 f"offload={self.offload!r}; set offload='auto' or drop memory_budget_gb")
         if self.powersgd_warmup_steps < 0:
             raise MoPConfigError(
                 f"mop option powersgd_warmup_steps={self.powersgd_warmup_steps!r} must be >= 0 (0 = no warm-up)")

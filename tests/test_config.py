@@ -51,3 +51,23 @@ def test_bad_option_fails_the_compile_with_the_message():
     compiled = torch.compile(model, backend="mop", options={"lowering": "fast"})
     with pytest.raises(Exception, match="lowering='fast' is not accepted"):
         compiled(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"offload": "auto"}, r"offload='auto' chooses save, recompute or offload under a device budget, but "
+                              r"memory_budget_gb=None; set memory_budget_gb \(GiB per rank"),
+        ({"offload": "auto", "memory_budget_gb": 0.0}, r"memory_budget_gb=0.0 must be a positive finite number"),
+        ({"offload": "auto", "memory_budget_gb": float("inf")}, r"memory_budget_gb=inf must be a positive finite"),
+        ({"offload": "auto", "memory_budget_gb": -2}, r"memory_budget_gb=-2 must be a positive finite number"),
+        ({"offload": "auto", "memory_budget_gb": "40"}, r"memory_budget_gb='40' must be"),
+        ({"memory_budget_gb": 40.0}, r"memory_budget_gb=40.0 acts only with offload='auto', but offload='none'; "
+                                     r"set offload='auto' or drop memory_budget_gb"),
+        ({"offload": "experts", "memory_budget_gb": 40.0}, r"acts only with offload='auto', but offload='experts'"),
+    ],
+)
+def test_memory_budget_options_name_field_value_and_fix(options, pattern):
+    with pytest.raises(MoPConfigError, match=pattern):
+        MoPConfig.from_options(options)
+    assert MoPConfig.from_options({"offload": "auto", "memory_budget_gb": 40}).memory_budget_gb == 40

@@ -350,13 +350,16 @@ def _tag_joint(joint: GraphModule, saved: Sequence[SavedTensor], actions: Mappin
 def apply_memory_policy(joint: GraphModule, split: Callable[[], tuple[GraphModule, GraphModule]], *,
                         joint_inputs: Sequence[object], num_fwd_outputs: int, budget_gb: float,
                         params: Sequence[tuple[torch.Tensor, bool]], allow_recompute: bool, prefetch: int,
-                        graph_id: str = "graph") -> tuple[GraphModule, GraphModule, MemoryPolicySummary]:
-    """Split `joint` (`split()` partitions it) under the budget; see the module docstring."""
+                        graph_id: str = "graph", optimizer_on_host: bool = False,
+                        ) -> tuple[GraphModule, GraphModule, MemoryPolicySummary]:
+    """Split `joint` (`split()` partitions it) under the budget; see the module docstring.
+    `optimizer_on_host` (`optimizer_offload`): AdamW state takes no device memory."""
+    state_fp32 = 0 if optimizer_on_host else 2
     spec = _hardware_for(joint_inputs)
     budget_bytes = int(budget_gb * GiB)
     fw, bw = split()
     probed = saved = saved_tensors(fw, bw, num_fwd_outputs=num_fwd_outputs, spec=spec)
-    before = estimate_memory(params, saved)
+    before = estimate_memory(params, saved, optimizer_state_fp32=state_fp32)
     actions: dict[str, Action] = {}
     reachable = before.total <= budget_bytes
     if not reachable:
@@ -379,7 +382,7 @@ def apply_memory_policy(joint: GraphModule, split: Callable[[], tuple[GraphModul
                                           names=offload).names
     final: dict[str, Action] = {n: "recompute" for n, a in actions.items() if a == "recompute" and n not in still}
     final |= {n: "offload" for n in moved}
-    after = estimate_memory(params, saved, final)
+    after = estimate_memory(params, saved, final, optimizer_state_fp32=state_fp32)
     summary = MemoryPolicySummary(
         graph_id=graph_id, budget=budget_bytes, hardware=spec.name, before=before, after=after,
         layers=_layers(probed, final), recomputed=tuple(sorted(n for n, a in final.items() if a == "recompute")),
