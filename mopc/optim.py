@@ -33,9 +33,10 @@ waits for the pending updates when it goes through mopc (`mopc::unshard`,
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,7 +85,7 @@ class _Staged:
 @dataclass
 class _Pending:
     commit: Future
-    event: Any = None  # CUDA event after the copy back into the device shard
+    """Its result: None, or on CUDA the event after the copy back into the device shard."""
 
 
 @dataclass
@@ -92,7 +93,6 @@ class _Stats:
     staged_in_backward: int = 0
     used_staged: int = 0
     recomputed: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class HostAdamW(torch.optim.Optimizer):
@@ -136,8 +136,15 @@ class HostAdamW(torch.optim.Optimizer):
 
     def _adopt(self, p: torch.Tensor) -> None:
         host_optim.set_owner(p, self)
-        if p.requires_grad:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._on_accumulated))
+        if p.requires_grad:  # weakly: a parameter must not keep an optimizer it outlives alive
+            method = weakref.WeakMethod(self._on_accumulated)
+
+            def hook(param: torch.Tensor) -> None:
+                fn = method()
+                if fn is not None:
+                    fn(param)
+
+            self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any] | None:
         for group in self.param_groups:
@@ -182,7 +189,6 @@ class HostAdamW(torch.optim.Optimizer):
     def _submit_update(self, p: torch.Tensor, grad: torch.Tensor, hyper: tuple) -> Future:
         state = self._ensure_state(p)
         master = self._master_of(p, state)
-        pin = self._pin(p)
         event = None
         if grad.is_cuda:  # copy to pinned host memory on a side stream, after the gradient exists
             from mopc.runtime.offload import _side_stream
@@ -213,7 +219,6 @@ class HostAdamW(torch.optim.Optimizer):
                   weight_decay=weight_decay, eps=eps, maximize=False)
             return step, exp_avg, exp_avg_sq, new_master
 
-        del pin
         return self._worker.submit(compute)
 
     def _commit(self, p: torch.Tensor, update: Future) -> Callable[[], Any]:
@@ -317,9 +322,6 @@ class HostAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 self.wait_for(p)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
-
     def state_dict(self) -> dict[str, Any]:
         self.synchronize()
         return super().state_dict()
@@ -345,6 +347,8 @@ class HostAdamW(torch.optim.Optimizer):
                 "recomputed": self._stats.recomputed}
 
     def __del__(self) -> None:
+        for handle in getattr(self, "_hooks", ()):
+            handle.remove()
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.shutdown()
