@@ -126,7 +126,8 @@ class _Compilation:
                 joint_inputs=joint_inputs, num_fwd_outputs=num_fwd_outputs,
                 budget_gb=self.config.memory_budget_gb, params=params,
                 allow_recompute=self.config.partitioner == "min_cut", prefetch=self.config.offload_prefetch,
-                graph_id=self.graph_id, optimizer_on_host=self.config.optimizer_offload)
+                graph_id=self.graph_id, optimizer_on_host=self.config.optimizer_offload,
+                hardware_name=self.config.memory_policy_hardware)
         else:
             fw, bw = split(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         seconds = time.perf_counter() - start

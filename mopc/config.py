@@ -124,6 +124,11 @@ class MoPConfig:
     """Device-memory budget per rank, GiB, that `offload="auto"` plans saved activations
     under (None: no budget)."""
 
+    memory_policy_hardware: Literal["device", "cpu", "h100", "h200"] = "device"
+    """The roofline `offload="auto"` prices recompute and transfers on: `device` (the
+    inputs' device: `cpu`, or `h100`/`h200` by the GPU's name), or a preset, to see on a
+    CPU the policy a GPU run would get."""
+
     offload_prefetch: int = 1
     """How many offloaded tensors backward brings back ahead of the one it is using (0:
     each right before its first use)."""
@@ -222,6 +227,9 @@ class MoPConfig:
             raise MoPConfigError("mop option offload='auto' chooses save, recompute or offload under a device "
                                  "budget, but memory_budget_gb=None; set memory_budget_gb (GiB per rank, e.g. 40.0) "
                                  "or choose offload='experts'")
+        if self.memory_policy_hardware != "device" and self.offload != "auto":
+            raise MoPConfigError(f"mop option memory_policy_hardware={self.memory_policy_hardware!r} acts only with "
+                                 f"offload='auto', but offload={self.offload!r}; set offload='auto' or drop it")
         if budget is not None and self.offload != "auto":
             raise MoPConfigError(f"mop option memory_budget_gb={budget!r} acts only with offload='auto', but "
                                  f"offload={self.offload!r}; set offload='auto' or drop memory_budget_gb")

@@ -65,6 +65,9 @@ def test_bad_option_fails_the_compile_with_the_message():
         ({"memory_budget_gb": 40.0}, r"memory_budget_gb=40.0 acts only with offload='auto', but offload='none'; "
                                      r"set offload='auto' or drop memory_budget_gb"),
         ({"offload": "experts", "memory_budget_gb": 40.0}, r"acts only with offload='auto', but offload='experts'"),
+        ({"memory_policy_hardware": "h100"}, r"memory_policy_hardware='h100' acts only with offload='auto'"),
+        ({"offload": "auto", "memory_budget_gb": 1.0, "memory_policy_hardware": "a100"},
+         r"memory_policy_hardware='a100' is not accepted; use one of 'device', 'cpu', 'h100', 'h200'"),
     ],
 )
 def test_memory_budget_options_name_field_value_and_fix(options, pattern):

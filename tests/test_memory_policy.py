@@ -21,13 +21,11 @@ import torch
 import mopc
 import mopc.backend
 from mopc.models import PRESETS, build_model, make_init_fn
-from mopc.passes.rewrite import memory_policy
 from mopc.passes.rewrite.memory_policy import (
     SavedTensor,
     choose_actions,
     estimate_memory,
 )
-from mopc.planner.hardware import hardware
 from mopc.runtime.memory import MemoryTracker
 from mopc.runtime.trainer import synthetic_batch
 
@@ -105,13 +103,12 @@ def test_budget_already_met_leaves_the_graphs_unchanged(plain):
 
 
 @pytest.mark.parametrize("device", ["cpu", "h100"])
-def test_tight_budget_recomputes_or_offloads_exactly_and_lowers_the_peak(plain, device, monkeypatch, caplog):
+def test_tight_budget_recomputes_or_offloads_exactly_and_lowers_the_peak(plain, device, caplog):
     # The roofline decides the action: on the cpu preset copies to host are cheaper than
     # recomputing, on the H100 preset (HBM 60x faster than PCIe) recompute is.
-    monkeypatch.setattr(memory_policy, "_hardware_for", lambda inputs: hardware(device))
     budget = _static_bytes() + MiB // 2
     with caplog.at_level(logging.INFO, logger="mopc.passes"):
-        run = _train({"offload": "auto", "memory_budget_gb": budget / 2**30})
+        run = _train({"offload": "auto", "memory_budget_gb": budget / 2**30, "memory_policy_hardware": device})
     policy = run.policy
     assert policy.before.total > budget >= policy.after.total and policy.met
     if device == "cpu":
@@ -181,7 +178,6 @@ def test_no_collective_is_recomputed(fake_world_factory, monkeypatch, caplog):
     """World 2, ep=2, a budget nothing meets: the maximal policy, with recompute cheaper
     than offload (H100 roofline), must not put a forward collective into backward."""
     world = fake_world_factory(2, 0)
-    monkeypatch.setattr(memory_policy, "_hardware_for", lambda inputs: hardware("h100"))
     splits = []
     split = mopc.backend.min_cut_rematerialization_partition
 
@@ -194,7 +190,8 @@ def test_no_collective_is_recomputed(fake_world_factory, monkeypatch, caplog):
     batch = {k: v[:2] for k, v in synthetic_batch(0, 2 * world, 16, CONFIG.vocab_size).items()}
     model = build_model(CONFIG, device="meta")
     model = mopc.parallelize(model, batch, init_fn=make_init_fn(model, 0), ep=2)
-    step = torch.compile(model, backend="mop", options={"offload": "auto", "memory_budget_gb": 1e-6})
+    step = torch.compile(model, backend="mop", options={"offload": "auto", "memory_budget_gb": 1e-6,
+                                                          "memory_policy_hardware": "h100"})
     with _recording_partitions() as seen, caplog.at_level(logging.INFO, logger="mopc.passes"):
         step(**batch)  # the fake group moves no data: the graphs are what is checked
     policy = seen[0][2]

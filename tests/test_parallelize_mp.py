@@ -35,10 +35,12 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 # forces every token onto experts 0 and 1 (`skew=1`: expert 0 only), so the first EP
 # rank gets every row and the other ranks and experts none; spilling then lends experts,
 # and `grad_compression=skip_idle` (exact) reduces only the used experts' gradients.
+# `offload=auto` with a budget nothing meets takes every candidate's cheaper action on the
+# H100 roofline (mostly recompute, the rest offload); `host_adamw` is mopc.optim.HostAdamW.
 CASES = [
-    (2, "tp=1,loss_chunk_tokens=16;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
+    (2, "tp=1,loss_chunk_tokens=16,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
         "ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts,host_adamw=True,optimizer_offload=True", 2),
-    (4, "ep=4,skew=True,topk=3;"
+    (4, "ep=4,skew=True,topk=3,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;"
         "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle,"
         "offload=experts,offload_prefetch=2,host_adamw=True,optimizer_offload=True", 1),
 ]

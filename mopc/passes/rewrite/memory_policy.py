@@ -8,7 +8,8 @@ as a placeholder, each storage once, all alive at the end of forward. Parameters
 graph inputs (and views of them) are never candidates: they live anyway.
 
 Each candidate gets the cheaper of two actions, timed on a roofline of the device (the
-planner's hardware presets: `cpu` when the inputs are on CPU):
+planner's hardware presets: `cpu` when the inputs are on CPU, or the preset
+`memory_policy_hardware` names):
 
 - recompute: rerun, in backward, the forward nodes between the tensor and the saved
   tensors or inputs it is computed from; seconds = sum over those nodes of
@@ -316,7 +317,9 @@ def _layers(saved: Sequence[SavedTensor], actions: Mapping[str, Action]) -> tupl
     return tuple(LayerMemory(layer, *rows[layer]) for layer in sorted(rows, key=key))
 
 
-def _hardware_for(joint_inputs: Sequence[object]) -> HardwareSpec:
+def _hardware_for(joint_inputs: Sequence[object], name: str = "device") -> HardwareSpec:
+    if name != "device":
+        return hardware(name)
     cuda = next((t for t in joint_inputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
     if cuda is None:
         return hardware("cpu")
@@ -350,12 +353,12 @@ def _tag_joint(joint: GraphModule, saved: Sequence[SavedTensor], actions: Mappin
 def apply_memory_policy(joint: GraphModule, split: Callable[[], tuple[GraphModule, GraphModule]], *,
                         joint_inputs: Sequence[object], num_fwd_outputs: int, budget_gb: float,
                         params: Sequence[tuple[torch.Tensor, bool]], allow_recompute: bool, prefetch: int,
-                        graph_id: str = "graph", optimizer_on_host: bool = False,
+                        graph_id: str = "graph", optimizer_on_host: bool = False, hardware_name: str = "device",
                         ) -> tuple[GraphModule, GraphModule, MemoryPolicySummary]:
     """Split `joint` (`split()` partitions it) under the budget; see the module docstring.
     `optimizer_on_host` (`optimizer_offload`): AdamW state takes no device memory."""
     state_fp32 = 0 if optimizer_on_host else 2
-    spec = _hardware_for(joint_inputs)
+    spec = _hardware_for(joint_inputs, hardware_name)
     budget_bytes = int(budget_gb * GiB)
     fw, bw = split()
     probed = saved = saved_tensors(fw, bw, num_fwd_outputs=num_fwd_outputs, spec=spec)
