@@ -14,6 +14,7 @@ from typing import Any
 
 MEMORY_ROWS = (("params", "params"), ("grads", "grads"), ("optimizer", "optimizer"),
                ("activations (peak)", "activations_peak"), ("peak", "peak"), ("host tier (peak)", "host_peak"),
+               ("optimizer on host", "optimizer_host"),
                ("peak RSS", "peak_rss"))
 """(row label, key of a `mopc train --json` per-rank memory record)."""
 

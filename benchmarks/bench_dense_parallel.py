@@ -35,6 +35,10 @@ MOP_CONFIGS = {  # mop variants: their extra `mopc train` flags
     "mop_tp2": ["--tp", "2"],  # tensor-parallel attention/MLP
     "mop_ep4": ["--ep", "4"],  # expert parallel
     "mop_ep4_offload": ["--ep", "4", "--offload", "experts"],  # ... with expert activations offloaded to host
+    "mop_ep4_optoff": ["--ep", "4", "--optimizer-offload"],  # ... AdamW state on host (mopc.optim.HostAdamW)
+    "mop_ep4_offload_optoff": ["--ep", "4", "--offload", "experts", "--optimizer-offload"],  # both
+    # save/recompute/offload per tensor under a 0.2 GiB budget (CPU roofline), optimizer on host
+    "mop_ep4_auto_optoff": ["--ep", "4", "--offload", "auto", "--memory-budget-gb", "0.2", "--optimizer-offload"],
 }
 CONFIGS = (*MOP_CONFIGS, "fsdp2", "ddp")
 DEFAULT_CONFIGS = ("mop", "fsdp2", "ddp")
@@ -77,6 +81,18 @@ def _per_rank(report: dict[str, Any], key: str) -> str:
     return mib(hi) if hi == lo else f"{mib(hi)} ({mib(lo)})"
 
 
+def lower_bound(report: dict[str, Any]) -> int:
+    """Sharded parameters and gradients (max over ranks) plus the least activations a step
+    can keep: one fp32 residual-stream tensor [tokens per rank, dim] per layer boundary,
+    what full recompute saves (everything else recomputed or sent to host)."""
+    from mopc.models.presets import PRESETS
+
+    cfg, settings = PRESETS[report["config"]["model"]], report["config"]
+    tokens = settings["batch"] // report["world_size"] * settings["seq_len"]
+    static = max(m["params"] + m["grads"] for m in report["memory"]["per_rank"])
+    return static + cfg.num_layers * tokens * cfg.dim * 4
+
+
 def format_comparison(runs: dict[str, dict[str, Any]]) -> str:
     """The comparison table: one column per configuration."""
     ok = {k: v for k, v in runs.items() if "error" not in v}
@@ -85,6 +101,11 @@ def format_comparison(runs: dict[str, dict[str, Any]]) -> str:
                                                       for n in names])]
     for label, key in MEMORY_ROWS:
         rows.append((f"{label} MiB/rank", [_per_rank(runs[n], key) if n in ok else "-" for n in names]))
+    rows.append(("lower bound MiB/rank", [mib(lower_bound(runs[n])) if n in ok else "-" for n in names]))
+    if "fsdp2" in ok:
+        fsdp2 = ok["fsdp2"]["memory"]["peak_bytes"]
+        rows.append(("peak / FSDP2's", [f"{runs[n]['memory']['peak_bytes'] / fsdp2:.2f}" if n in ok else "-"
+                                         for n in names]))
     ref = next(iter(ok.values()), None)
     rows += [
         ("final loss", [f"{runs[n]['losses'][-1]:.4f}" if n in ok else "-" for n in names]),
