@@ -96,6 +96,19 @@ def test_activations_scale_with_tokens_layers_and_skew():
     assert skewed.activations - even.activations == 3 * 100  # received rows (every synthetic layer has them), doubled
 
 
+def test_world_gathered_head_bytes_grow_with_the_world():
+    """The vocabulary-parallel loss saves hidden states gathered from every rank: per token, x world."""
+    info = _info()
+    base = _probe(1, 1)  # world 2
+    base.layers["head"] = dataclasses.replace(base.layers["head"], saved_bytes=500 + 128, saved_bytes_world=128)
+    probes = ProbeSet(base=base, split=base)
+    hw = hardware("cpu")
+    two = estimate(info, probes, hw, Candidate(world=2), global_batch=2, seq_len=64)
+    eight = estimate(info, probes, hw, Candidate(world=8), global_batch=8, seq_len=64)
+    assert eight.tokens_per_rank == two.tokens_per_rank == 64
+    assert eight.activations - two.activations == 128 * (8 / 2 - 1)
+
+
 def test_routing_skew_percentile():
     assert routing_skew(1000, 8, 64, 1) == 1.0
     small, large = routing_skew(64, 2, 16, 4), routing_skew(1 << 20, 2, 16, 4)
@@ -104,10 +117,95 @@ def test_routing_skew_percentile():
 
 
 def test_projections_are_flagged_and_never_runnable():
-    c = Candidate(world=8, pp=2, dtype="bf16", offload_optimizer=True)
+    c = Candidate(world=8, pp=2, dtype="bf16", offload_optimizer=True, recompute="full")
     assert not c.runnable
-    assert set(c.missing) == {"bf16 mixed precision", "pipeline parallelism", "optimizer offload"}
+    assert set(c.missing) == {"bf16 mixed precision", "pipeline parallelism", "full activation recompute"}
     assert Candidate(world=8, tp=2, ep=4).runnable
+    # mopc train --offload experts / --optimizer-offload
+    assert Candidate(world=8, tp=2, ep=4, offload_activations=True, offload_optimizer=True).runnable
+
+
+def test_optimizer_offload_moves_adamw_and_a_master_copy_to_host():
+    """HostAdamW: no optimizer bytes on the device; host = 2 fp32 moments + fp32 master + a 4-byte step per tensor."""
+    info = _info()
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(2, 2))
+    hw = hardware("cpu")
+    plain = estimate(info, probes, hw, Candidate(world=4, tp=2, ep=2), global_batch=8, seq_len=64)
+    off = estimate(info, probes, hw, Candidate(world=4, tp=2, ep=2, offload_optimizer=True), global_batch=8,
+                   seq_len=64)
+    lay = layout_bytes(info, 4, 2, 2, True)
+    assert off.optimizer == 0
+    assert off.host_bytes == off.host_optimizer == 3 * lay.param_bytes + 4 * lay.num_tensors
+    assert (off.params, off.grads, off.activations) == (plain.params, plain.grads, plain.activations)
+    assert off.live_peak == plain.live_peak - plain.optimizer
+    assert off.offload_s > 0 and off.step_time_s > plain.step_time_s
+    d = off.as_dict()
+    assert d["offload_optimizer"] and d["runnable"] and d["needs"] == [] and "opt-offload" in d["layout"]
+
+
+def test_expert_offload_moves_the_expert_share_to_host():
+    """offload="experts": the probe's expert/dispatch/combine share of every MoE layer goes to host
+    (received rows scaled by the skew); the head's share is freed before backward reloads one layer's."""
+    info = _info()  # tiny: 1 dense + 2 MoE layers
+    base = _probe(1, 1)
+    split = _probe(1, 2)
+    for p in (base, split):  # of each layer's 400 MoE bytes, 300 are expert-role (100 of them received rows)
+        p.layers["moe"] = dataclasses.replace(p.layers["moe"], saved_bytes_offload=300,
+                                              saved_bytes_offload_ep_rows=100 * (p.ep > 1))
+        p.layers["dense"] = dataclasses.replace(p.layers["dense"], saved_bytes_moe=0, saved_bytes_ep_rows=0,
+                                                saved_bytes_offload=0)
+    probes = ProbeSet(base=base, split=split)
+    hw = hardware("cpu")
+    kw = {"global_batch": 2, "seq_len": 64, "skew": 2.0}
+    plain = estimate(info, probes, hw, Candidate(world=2, ep=2), **kw)
+    off = estimate(info, probes, hw, Candidate(world=2, ep=2, offload_activations=True), **kw)
+    assert off.host_bytes == off.host_activations == 2 * (200 + 100 * 2)  # per layer: 200 fixed + 100 rows x skew
+    assert off.activations == plain.activations - off.host_bytes
+    assert (off.params, off.optimizer, off.grads) == (plain.params, plain.optimizer, plain.grads)
+    assert off.candidate.runnable and "act-offload" in off.candidate.label()
+    # a probe without roles: the received-rows part is what moves (dispatched tokens, expert intermediates)
+    legacy = ProbeSet(base=_probe(1, 1), split=_probe(1, 2))
+    derived = estimate(info, legacy, hw, Candidate(world=2, ep=2, offload_activations=True), **kw)
+    assert derived.host_activations == 3 * 100 * 2  # every synthetic layer has received rows, doubled
+
+
+def test_search_chooses_offload_only_when_the_plain_layout_does_not_fit(monkeypatch):
+    """Offloaded layouts are runnable candidates; the plain one wins while it fits, the
+    offloaded one once only it fits (device memory shrunk below the plain layout's peak)."""
+    from mopc.planner import search
+
+    def probes(config, tp, ep, vp=True):
+        base, split = _probe(1, 1, saved=100_000, moe=90_000), _probe(tp, ep, saved=100_000, moe=90_000)
+        for p in (base, split):
+            p.layers["moe"] = dataclasses.replace(p.layers["moe"], saved_bytes_offload=80_000)
+            p.layers["dense"] = dataclasses.replace(p.layers["dense"], saved_bytes_moe=0, saved_bytes_ep_rows=0,
+                                                    saved_bytes_offload=0)
+        return ProbeSet(base=base, split=split)
+
+    monkeypatch.setattr(search, "probes_for", probes)
+    monkeypatch.setattr(search, "model_info", lambda config, probes: _info(config))
+    kw = {"gpus": 4, "gpu": "h100", "seq_len": 4096, "projections": False}
+    roomy = search.plan("tiny", **kw)
+    kinds = {(e.candidate.offload_activations, e.candidate.offload_optimizer) for e in roomy.candidates}
+    assert kinds == {(False, False), (True, False), (False, True), (True, True)}
+    assert all(e.candidate.runnable for e in roomy.candidates)
+    c = roomy.chosen.candidate
+    assert roomy.chosen.fits and not c.offload_activations and not c.offload_optimizer
+
+    def smallest_plain(result):
+        return min(e.peak for e in result.candidates if not e.candidate.offload_activations
+                   and not e.candidate.offload_optimizer)
+
+    def smallest_offloaded(result):
+        return min(e.peak for e in result.candidates if e.candidate.offload_activations)
+
+    assert smallest_offloaded(roomy) < smallest_plain(roomy)
+    budget = (smallest_offloaded(roomy) + smallest_plain(roomy)) // 2
+    spec = dataclasses.replace(hardware("h100"), device_memory_bytes=budget)
+    monkeypatch.setattr(search, "hardware", lambda name: spec)
+    tight = search.plan("tiny", **kw)
+    assert tight.chosen.fits and tight.chosen.candidate.offload_activations
+    assert tight.chosen.host_activations > 0
 
 
 @pytest.mark.parametrize("world", [64, 256])

@@ -6,7 +6,17 @@ Memory, by category (bytes per rank):
 - activations: forward values saved for backward, per token, from probes of the real
   compiled program (`probe.py`) scaled to the candidate's tokens per rank and layer counts;
   the part sized by the rows an expert-parallel rank receives is scaled by the routing
-  skew (max over EP ranks of received rows / mean, at a percentile of a multinomial);
+  skew (max over EP ranks of received rows / mean, at a percentile of a multinomial); what
+  the probe gathered from every rank of its world (the vocabulary-parallel loss's hidden
+  states) grows per token with the world and is rescaled to the candidate's;
+- expert-activation offload (`offload="experts"`): the saved tensors of routed-expert,
+  dispatch and combine nodes (the probe reads that share by the producer's `mopc_role`)
+  live in host memory between forward and backward; the device holds the rest, or, when
+  larger, the rest less the head's share (backward frees it first) plus one MoE layer's
+  reloaded expert share (`offload_prefetch` reloads ahead, within the layer in use);
+- optimizer offload (`mopc.optim.HostAdamW`): no optimizer bytes on the device; host
+  memory holds the two fp32 moments, an fp32 master copy of each shard and a 4-byte step
+  per tensor (as `MemoryTracker` counts `optimizer_host`);
 - `live_peak` = params + optimizer + max(activations, grads): what
   `mopc.runtime.memory.MemoryTracker` measures (saved activations are freed by the
   compiled backward before its gradients accumulate);
@@ -18,10 +28,11 @@ Time: compute = flops / (peak flops x mfu), from the probes' per-token flops plu
 attention core, which grows with seq_len^2 per sequence; communication = bytes per mesh
 axis / link bandwidth (intra-node when the group fits in a node), not overlapped (mopc
 does not reorder collectives yet); pipeline bubble (p-1)/m of compute; offload traffic
-over the host link.
+over the host link (activation copies overlap compute; the optimizer's gradient and
+parameter copies and its host update do not).
 
 Candidates with features mopc cannot run yet (bf16 mixed precision, pipeline stages,
-context parallelism, full recompute, activation or optimizer offload) are projections:
+context parallelism, full recompute) are projections:
 the same per-token measurements, with each feature's effect modelled by a formula
 (`_project_*`); they are never what `search` chooses to run.
 """
@@ -55,7 +66,9 @@ class Candidate:
     recompute: str = "min_cut"
     """`min_cut` (mopc's partitioner: cheap ops recomputed) or `full` (only layer inputs saved)."""
     offload_activations: bool = False
+    """Saved activations of MoE expert blocks in host memory (`offload="experts"`)."""
     offload_optimizer: bool = False
+    """AdamW state and fp32 master copies in host memory (`mopc.optim.HostAdamW`)."""
 
     @property
     def dp(self) -> int:
@@ -72,10 +85,6 @@ class Candidate:
             out.append("context parallelism")
         if self.recompute != "min_cut":
             out.append("full activation recompute")
-        if self.offload_activations:
-            out.append("activation offload")
-        if self.offload_optimizer:
-            out.append("optimizer offload")
         return tuple(out)
 
     @property
@@ -118,6 +127,10 @@ class Estimate:
     tokens_per_s_per_gpu: float
     comm_by_axis: dict[str, int] = field(default_factory=dict)
     dominant: str = ""
+    host_activations: int = 0
+    """Part of `host_bytes`: offloaded saved activations."""
+    host_optimizer: int = 0
+    """Part of `host_bytes`: optimizer state and master copies (`optimizer` is then 0)."""
 
     def as_dict(self) -> dict[str, Any]:
         c = self.candidate
@@ -160,22 +173,39 @@ def routing_skew(tokens: int, top_k: int, num_experts: int, ep: int, percentile_
 
 def _per_token(c: LayerCosts, tokens: int) -> dict[str, float]:
     moe_rows = c.saved_bytes_ep_rows
-    return {"dense_part": (c.saved_bytes - c.saved_bytes_moe) / tokens,
+    offload, offload_rows = c.saved_bytes_offload, c.saved_bytes_offload_ep_rows
+    if offload is None:  # a probe without roles: the received rows (dispatched tokens, expert intermediates)
+        offload, offload_rows = moe_rows, moe_rows
+    return {"dense_part": (c.saved_bytes - c.saved_bytes_moe - c.saved_bytes_world) / tokens,
+            "world_part": c.saved_bytes_world / tokens,
             "moe_part": (c.saved_bytes_moe - moe_rows) / tokens,
-            "ep_rows": moe_rows / tokens}
+            "ep_rows": moe_rows / tokens,
+            "offload_part": (offload - offload_rows) / tokens,
+            "offload_rows": offload_rows / tokens}
 
 
-def _saved_per_token(probes: ProbeSet, kind: str, tp: int, ep: int, skew: float) -> float:
+def _saved_split(probes: ProbeSet, kind: str, tp: int, ep: int, skew: float,
+                 world: int | None = None) -> tuple[float, float]:
+    """Saved bytes per token of one layer of `kind`, and the part `offload="experts"` moves to host.
+    What the probe gathered over its whole world is rescaled to `world` (default: the probe's)."""
     base = probes.base.layers.get(kind)
     if base is None:
-        return 0.0
+        return 0.0, 0.0
     b = _per_token(base, probes.base.tokens)
     split = probes.split.layers.get(kind, base)
     s = _per_token(split, probes.split.tokens)
     frac = (1 - 1 / tp) / (1 - 1 / probes.split.tp) if probes.split.tp > 1 else 0.0
     dense = b["dense_part"] + (s["dense_part"] - b["dense_part"]) * frac
-    moe = (s["moe_part"] + s["ep_rows"] * skew) if ep > 1 and probes.split.ep > 1 else (b["moe_part"] + b["ep_rows"])
-    return dense + moe
+    dense += b["world_part"] * (world or probes.base.world) / probes.base.world
+    if ep > 1 and probes.split.ep > 1:
+        moe, offload = s["moe_part"] + s["ep_rows"] * skew, s["offload_part"] + s["offload_rows"] * skew
+    else:
+        moe, offload = b["moe_part"] + b["ep_rows"], b["offload_part"] + b["offload_rows"]
+    return dense + moe, offload
+
+
+def _saved_per_token(probes: ProbeSet, kind: str, tp: int, ep: int, skew: float) -> float:
+    return _saved_split(probes, kind, tp, ep, skew)[0]
 
 
 def _group_size(axis: str, world: int, tp: int, ep: int) -> int:
@@ -272,8 +302,10 @@ def estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, c: Candidate, 
     optimizer = shard_numel * (12 if half else 8) + 4 * lay.num_tensors / c.pp  # bf16: fp32 master + moments
     # activations of the tokens in flight
     act_scale = 0.5 if half else 1.0
-    per_layer = {k: _saved_per_token(probes, k, c.tp, c.ep, skew) * act_scale for k in ("dense", "moe")}
-    head = _saved_per_token(probes, "head", c.tp, c.ep, skew) * act_scale
+    split = {k: _saved_split(probes, k, c.tp, c.ep, skew) for k in ("dense", "moe")}
+    per_layer = {k: total * act_scale for k, (total, _) in split.items()}
+    per_layer_offload = {k: offload * act_scale for k, (_, offload) in split.items()}
+    head = _saved_split(probes, "head", c.tp, c.ep, skew, stage_ranks)[0] * act_scale
     layers_per_stage = {k: info.count(k) / c.pp for k in ("dense", "moe")}
     if c.recompute == "full":  # layer inputs kept, one layer's saved values rebuilt at a time in backward
         item = 2 if half else 4
@@ -282,15 +314,16 @@ def estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, c: Candidate, 
             per_layer.values(), default=0)
     else:
         activations = tokens_in_flight * (head + sum(per_layer[k] * layers_per_stage[k] for k in per_layer))
-    host = 0.0
-    if c.offload_activations:  # two layers' worth stay on the device (in use, prefetched)
-        on_device = 2 * tokens_per_rank // max(c.microbatches, 1) * max(per_layer.values(), default=0)
-        host += max(activations - on_device, 0)
-        activations = min(activations, on_device)
-    opt_device = optimizer
-    if c.offload_optimizer:
-        host += optimizer
-        opt_device = 0
+    host_act = 0.0
+    if c.offload_activations and c.recompute == "min_cut":  # full recompute saves no expert tensors
+        host_act = tokens_in_flight * sum(per_layer_offload[k] * layers_per_stage[k] for k in per_layer_offload)
+        # backward frees the head's saved values first, then reloads one layer's expert share at a time
+        one_layer = tokens_per_rank // max(c.microbatches, 1) * max(per_layer_offload.values(), default=0)
+        activations = max(activations - host_act, activations - host_act - tokens_in_flight * head + one_layer)
+    opt_device, host_opt = optimizer, 0.0
+    if c.offload_optimizer:  # HostAdamW: moments, step and an fp32 master copy (bf16 already counts one)
+        opt_device, host_opt = 0.0, optimizer + (0.0 if half else shard_numel * 4)
+    host = host_act + host_opt
     live_peak = params + opt_device + max(activations, grads)
     # transient: two layers' gathered weights, the biggest token buffers of a collective, reserved
     item = 2 if half else 4
@@ -334,17 +367,18 @@ def estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, c: Candidate, 
         comm_s += sent / hw.link_bandwidth(size, spans)
     bubble_s = compute_s * (c.pp - 1) / c.microbatches if c.pp > 1 else 0.0
     offload_s = 0.0
-    if c.offload_activations:
-        offload_s += max(0.0, 2 * host / hw.host_device_bandwidth - compute_s)  # overlapped with compute
-    if c.offload_optimizer:
-        offload_s += (grads + params) / hw.host_device_bandwidth + optimizer * 1.5 / (hw.hbm_bandwidth / 40)
+    if host_act:
+        offload_s += max(0.0, 2 * host_act / hw.host_device_bandwidth - compute_s)  # overlapped with compute
+    if c.offload_optimizer:  # gradients out, parameters back, the update at host memory speed
+        offload_s += (grads + params) / hw.host_device_bandwidth + host_opt * 1.5 / (hw.hbm_bandwidth / 40)
     step = compute_s + comm_s + bubble_s + offload_s
     parts = {"compute": compute_s, "communication": comm_s, "pipeline bubble": bubble_s, "offload": offload_s}
     return Estimate(candidate=c, tokens_per_rank=tokens_per_rank, params=int(params), grads=int(grads),
-                    optimizer=int(optimizer), activations=int(activations), live_peak=int(live_peak),
+                    optimizer=int(opt_device), activations=int(activations), live_peak=int(live_peak),
                     transient=int(transient), peak=int(peak), host_bytes=int(host), fits=not why,
                     why_not=", ".join(why), compute_s=compute_s, comm_s=comm_s, bubble_s=bubble_s,
                     offload_s=offload_s, step_time_s=step,
                     tokens_per_s_per_gpu=global_batch * seq_len / step / c.world if step else 0.0,
                     comm_by_axis={k: int(v) for k, v in comm_total.items()},
-                    dominant=max(parts, key=parts.get))
+                    dominant=max(parts, key=parts.get), host_activations=int(host_act),
+                    host_optimizer=int(host_opt))

@@ -11,7 +11,11 @@ passes, same min-cut partitioner). Nothing runs: the compiled step is never call
 From those graphs a probe reads, per layer and for the head (embedding, final norm,
 vocabulary projection and loss), at the probe's own token count:
 - saved activations: the forward values the backward graph reads (each storage once, as
-  `mopc.runtime.memory.MemoryTracker` counts them in a real step);
+  `mopc.runtime.memory.MemoryTracker` counts them in a real step), with the part made by
+  the MoE block and, within it, the part `offload="experts"` moves to host (by the
+  producer's `mopc_role`: routed expert, dispatch, combine), and the part gathered over
+  the whole world (it grows with the world size). The residual stream's adds carry the
+  `embedding` role; inside a layer they count to that layer, so they scale with depth;
 - flops of forward and backward (`mopc.passes.analysis.costs.node_flops`), with the
   attention core apart because it grows with the square of the sequence length;
 - bytes sent per collective kind and mesh axis (`mopc.runtime.comm.bytes_sent`), split
@@ -66,6 +70,15 @@ class LayerCosts:
     saved_bytes_moe: int = 0
     """Part of `saved_bytes` made by the MoE block (router, dispatch, experts, combine, shared
     experts); the rest is attention, dense MLP and norms."""
+    saved_bytes_offload: int | None = None
+    """Part of `saved_bytes` made by routed-expert, dispatch and combine nodes: what
+    `offload="experts"` moves to host (`mopc.passes.rewrite.offload.EXPERT_ROLES`). None in
+    a probe that did not read it (the estimator then derives it, see `estimate.py`)."""
+    saved_bytes_offload_ep_rows: int = 0
+    """Part of `saved_bytes_offload` in tensors sized by the rows an EP rank receives."""
+    saved_bytes_world: int = 0
+    """Part of `saved_bytes` gathered from every rank of the world (the vocabulary-parallel
+    loss's hidden states): per token it grows with the world size."""
     flops: int = 0
     """Forward + backward flops of this rank, except the attention core."""
     attention_core_flops: int = 0
@@ -156,18 +169,26 @@ def _root(node: Node, roots: dict[Node, Node]) -> Node:
 
 
 def _layer_key(node: Node, kinds: Mapping[int, str]) -> str:
+    """The layer a node belongs to, or `head`. The residual stream carries the `embedding`
+    role through every layer: its adds inside a layer are that layer's (one per block)."""
     layer = node.meta.get("mopc_layer")
     role = node.meta.get("mopc_role", "other")
-    if layer is None or role in ("embedding", "vocab_projection", "loss"):
+    if layer is None or role in ("vocab_projection", "loss"):
         return "head"
     return f"layer{layer}"
 
 
+def _gathered_over(node: Node, world: int) -> bool:
+    """Whether `node` all-gathers over all `world` ranks (its size per rank grows with the world)."""
+    return "all_gather_into_tensor" in str(node.target) and len(node.args) > 1 and node.args[1] == world
+
+
 def _walk(fw: GraphModule, bw: GraphModule, rows: int, kinds: Mapping[int, str],
-          per_layer: dict[str, LayerCosts], axes: Mapping[str, str]) -> int:
+          per_layer: dict[str, LayerCosts], axes: Mapping[str, str], world: int) -> int:
     """Add the saved bytes, flops and collectives of one compiled graph to `per_layer`."""
     from mopc.passes.analysis.collectives import graph_collectives
     from mopc.passes.analysis.costs import node_flops
+    from mopc.passes.rewrite.offload import EXPERT_ROLES
     from mopc.runtime.comm import bytes_sent
 
     roots: dict[Node, Node] = {}
@@ -184,8 +205,14 @@ def _walk(fw: GraphModule, bw: GraphModule, rows: int, kinds: Mapping[int, str],
         costs = per_layer[_layer_key(root, kinds)]
         costs.saved_bytes += nbytes
         costs.saved_bytes_ep_rows += dynamic
-        if root.meta.get("mopc_role") in _MOE_ROLES:
+        if _gathered_over(root, world):
+            costs.saved_bytes_world += nbytes
+        role = root.meta.get("mopc_role")
+        if role in _MOE_ROLES:
             costs.saved_bytes_moe += nbytes
+        if role in EXPERT_ROLES:
+            costs.saved_bytes_offload = (costs.saved_bytes_offload or 0) + nbytes
+            costs.saved_bytes_offload_ep_rows += dynamic
     for gm in (fw, bw):
         for node in gm.graph.nodes:
             flops = node_flops(node)
@@ -302,7 +329,7 @@ def run_probe(config: Any, *, world: int, tp: int = 1, ep: int = 1, batch: int =
             fw = rec.forward_graph
             bw = rec.backward_graph
             if fw is not None and bw is not None:
-                unknown += _walk(fw, bw, rows, kinds, per_layer, axes)
+                unknown += _walk(fw, bw, rows, kinds, per_layer, axes, world)
         plan = model.mopc_plan
         layers = {"head": per_layer.get("head", LayerCosts())}
         dense_ids = [i for i, k in kinds.items() if k == "dense"]
@@ -311,6 +338,8 @@ def run_probe(config: Any, *, world: int, tp: int = 1, ep: int = 1, batch: int =
             layers["dense"] = per_layer.get(f"layer{dense_ids[-1]}", LayerCosts())
         if moe_ids:
             layers["moe"] = per_layer.get(f"layer{moe_ids[-1]}", LayerCosts())
+        for costs in layers.values():  # read from the roles: none saved is 0, not unknown
+            costs.saved_bytes_offload = costs.saved_bytes_offload or 0
         return ProbeResult(model_config=probe_cfg, world=world, tp=tp, ep=ep, batch=batch, seq_len=seq_len,
                            options=dict(options), layers=layers, layer_kinds=kinds,
                            param_roles=dict(plan.param_roles), seconds=time.perf_counter() - start,

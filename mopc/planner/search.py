@@ -3,12 +3,15 @@
 Runnable candidates (what `mopc.parallelize` accepts today): `tp` dividing the world, the
 heads and key/value heads, within a node; `ep` dividing the world and the expert count;
 `dp = world / tp`; `vocab_parallel` when the vocabulary divides the world; fp32 with
-AdamW; mopc's min-cut partitioner deciding save or recompute. Every rank holds whole
-sequences, so the global batch must have at least one sequence per rank.
+AdamW; mopc's min-cut partitioner deciding save or recompute; each with and without
+expert-activation offload (`offload="experts"`) and with AdamW on the device or in host
+memory (`mopc.optim.HostAdamW`, `optimizer_offload`). Every rank holds whole sequences,
+so the global batch must have at least one sequence per rank. The chosen layout is the
+fastest that fits; on equal step time, the one with fewer offloads.
 
 Projections (flagged `runnable: false` with what they need): bf16 mixed precision,
-pipeline stages (1F1B), context parallelism, full activation recompute, activation
-offload, optimizer offload: the fastest one that fits is reported next to the chosen
+pipeline stages (1F1B), context parallelism, full activation recompute (each combined
+with the offloads above): the fastest one that fits is reported next to the chosen
 plan, never chosen in its place.
 
 The baseline: FSDP2 (ZeRO-3 over all ranks, each MoE layer's experts gathered whole),
@@ -72,7 +75,7 @@ def _cache_dir() -> Path | None:
 
 
 def _probe_key(config: Any, **layout: Any) -> str:
-    text = repr((dataclasses.asdict(config), sorted(layout.items()), 1))
+    text = repr((dataclasses.asdict(config), sorted(layout.items()), 3))  # 3: offloaded share, residuals per layer
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -281,10 +284,12 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
     probes = probes_for(config, tp_rep, ep_rep, vocab_parallel)
     info = model_info(config, probes)
     estimates: list[Estimate] = []
-    for tp, ep in itertools.product(tps, eps):
-        cand = Candidate(world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel)
+    offloads = (False, True)
+    for tp, ep, off_a, off_o in itertools.product(tps, eps, offloads if info.num_moe else (False,), offloads):
+        cand = Candidate(world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel, offload_activations=off_a,
+                         offload_optimizer=off_o)
         estimates.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len, skew_z=skew_z))
-    runnable = sorted(estimates, key=lambda e: (not e.fits, e.step_time_s if e.fits else e.peak))
+    runnable = sorted(estimates, key=_rank)
     chosen = runnable[0] if runnable else None
     projected: list[Estimate] = []
     if projections:
@@ -293,14 +298,14 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
         for tp, ep, pp, cp, rc, off_a, off_o in itertools.product(
                 [t for t in tps if t in (1, tp_rep)], eps, pps, cps, ("min_cut", "full"), (False, True),
                 (False, True)):
-            if world % (tp * pp * cp) or (world // pp) % ep:
-                continue
+            if world % (tp * pp * cp) or (world // pp) % ep or (off_a and (rc == "full" or not info.num_moe)):
+                continue  # full recompute keeps no expert activations to offload
             cand = Candidate(world=world, tp=tp, ep=ep, pp=pp, cp=cp,
                              vocab_parallel=vocab_parallel, dtype="bf16", recompute=rc, offload_activations=off_a,
                              offload_optimizer=off_o)
             projected.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
                                       skew_z=skew_z))
-    fitting = sorted((e for e in projected if e.fits), key=lambda e: e.step_time_s)
+    fitting = sorted((e for e in projected if e.fits), key=_rank)
     projection = fitting[0] if fitting else (min(projected, key=lambda e: e.peak) if projected else None)
     fsdp2 = {}
     for variant in ("fp32", "tuned", "tuned+offload"):
@@ -327,13 +332,20 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
     explanation.append(f"longest sequence (one per rank or context-parallel group) that fits: runnable "
                        f"{chosen.candidate.label() if chosen else '-'}: {max_seq['chosen'] or 0:,}; projection "
                        f"{projection.candidate.label() if projection else '-'}: {max_seq['best_projection'] or 0:,}")
-    shown = runnable + sorted(projected, key=lambda e: (not e.fits, e.step_time_s if e.fits else e.peak))
+    shown = runnable + sorted(projected, key=_rank)
     probes_text = [f"probe tp{p.tp} ep{p.ep} world {p.world}: {p.seconds:.1f}s"
                    for p in {id(p): p for p in (probes.base, probes.split)}.values()]
     return PlanResult(model=name, world=world, hardware=hw, seq_len=seq_len, global_batch=global_batch,
                       candidates=shown, chosen=chosen, projection=projection, fsdp2=fsdp2_out,
                       explanation=explanation, seconds=time.perf_counter() - start, probes=probes_text,
                       max_seq_len=max_seq)
+
+
+def _rank(e: Estimate) -> tuple:
+    """Fitting first, fastest first; on a tie, fewer offloads (they cost host memory and PCIe
+    traffic the step time may hide); layouts that do not fit by peak."""
+    c = e.candidate
+    return (not e.fits, e.step_time_s if e.fits else e.peak, c.offload_activations + c.offload_optimizer)
 
 
 def _gib(n: float) -> str:
@@ -344,8 +356,10 @@ def _explain(chosen: Estimate | None, projection: Estimate | None, runnable: lis
              fsdp2: Mapping[str, Any], hw: HardwareSpec) -> list[str]:
     lines = []
     if chosen is not None and chosen.fits:
+        host = f", host {_gib(chosen.host_bytes)}" if chosen.host_bytes else ""
         lines.append(f"chosen (runnable): {chosen.candidate.label()}: peak {_gib(chosen.peak)} of "
-                     f"{_gib(hw.device_memory_bytes)}, step {chosen.step_time_s:.3g}s, dominated by {chosen.dominant}")
+                     f"{_gib(hw.device_memory_bytes)}{host}, step {chosen.step_time_s:.3g}s, dominated by "
+                     f"{chosen.dominant}")
         others = [e for e in runnable if e.fits and e is not chosen]
         if others:
             lines.append(f"  next: {others[0].candidate.label()} at {others[0].step_time_s:.3g}s")
@@ -353,7 +367,8 @@ def _explain(chosen: Estimate | None, projection: Estimate | None, runnable: lis
         lines.append(f"no runnable layout fits: the smallest, {chosen.candidate.label()}, needs {_gib(chosen.peak)} "
                      f"per rank of {_gib(hw.device_memory_bytes)} (params {_gib(chosen.params)}, grads "
                      f"{_gib(chosen.grads)}, optimizer {_gib(chosen.optimizer)}, activations "
-                     f"{_gib(chosen.activations)}){'; ' + chosen.why_not if chosen.why_not else ''}")
+                     f"{_gib(chosen.activations)}; host {_gib(chosen.host_bytes)})"
+                     f"{'; ' + chosen.why_not if chosen.why_not else ''}")
     if projection is not None:
         state = "fits" if projection.fits else "does not fit either"
         lines.append(f"best projection (NOT runnable, needs {', '.join(projection.candidate.missing)}): "
@@ -365,12 +380,15 @@ def _explain(chosen: Estimate | None, projection: Estimate | None, runnable: lis
 
 
 def estimate_layout(model: Any, *, world: int, tp: int = 1, ep: int = 1, global_batch: int, seq_len: int,
-                    vocab_parallel: bool = True, gpu: str = "cpu", skew: float | None = None) -> Estimate:
-    """The estimate of one runnable layout (what `mopc train --nproc world --tp .. --ep ..` runs)."""
+                    vocab_parallel: bool = True, gpu: str = "cpu", skew: float | None = None,
+                    offload_activations: bool = False, offload_optimizer: bool = False) -> Estimate:
+    """The estimate of one runnable layout: what `mopc train --nproc world --tp .. --ep ..`
+    runs, with `--offload experts` (`offload_activations`) and `--optimizer-offload`."""
     config = load_model_config(model)
     probes = probes_for(config, tp, ep, vocab_parallel)
     info = model_info(config, probes)
-    cand = Candidate(world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel)
+    cand = Candidate(world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel,
+                     offload_activations=offload_activations, offload_optimizer=offload_optimizer)
     return estimate(info, probes, hardware(gpu), cand, global_batch=global_batch, seq_len=seq_len, skew=skew)
 
 
