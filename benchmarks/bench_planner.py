@@ -2,6 +2,19 @@
 
     python benchmarks/bench_planner.py                 # every configuration below
     python benchmarks/bench_planner.py --only tiny     # the ones whose name contains "tiny"
+    python benchmarks/bench_planner.py --from-results benchmarks/results/memory_passes_seq256.json
+
+`--re-estimate` runs nothing either: it recomputes the estimates of the rows in --out
+with the current planner and keeps their measured numbers (the runs' commit stays in
+the JSON as `git_of_runs`).
+
+`--from-results PATH` runs nothing: it estimates every mop run of an existing
+`bench_dense_parallel.py` result JSON (layouts with `--tp`, `--ep`, `--offload experts`,
+`--optimizer-offload`; `offload="auto"` and the baselines are skipped) and compares with
+the memory those runs measured, device tier and host tier (offloaded activations,
+`HostAdamW`'s state and master copies). The host table also shows the estimate at the
+run's own routing (its `expert_load`: the most rows any EP rank received over all MoE
+layers / the mean), next to the planner's p99 uniform-router skew.
 
 For each configuration: `mopc train --nproc W ... --json` runs on real gloo ranks and
 reports each rank's live-storage memory (`mopc/runtime/memory.py`: parameters, gradients,
@@ -13,7 +26,8 @@ Nothing is fitted to the measured numbers: the estimate is computed without read
 Expert-parallel runs route real tokens; the estimate scales received rows by the p99
 routing skew of a uniform multinomial, and the table shows the measured max over ranks.
 
-Prints a table and writes JSON (default benchmarks/results/planner_validation.json).
+Prints a table and writes JSON (default benchmarks/results/planner_validation.json, or
+benchmarks/results/planner_validation_<stem of PATH>.json with --from-results).
 """
 
 from __future__ import annotations
@@ -47,14 +61,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help="steps per run (the peak is reached from step 2 on)")
     p.add_argument("--only", default="", help="run the configurations whose name contains this")
-    p.add_argument("--out", default="benchmarks/results/planner_validation.json")
+    p.add_argument("--out", default=None, help="JSON to write (see above for the default)")
+    p.add_argument("--from-results", default=None, metavar="PATH",
+                   help="validate against the mop runs of an existing bench_dense_parallel.py JSON; run nothing")
     p.add_argument("--render", action="store_true", help="only print the table of the JSON at --out again")
+    p.add_argument("--re-estimate", action="store_true",
+                   help="recompute the estimates of the rows in --out (measured numbers kept); run nothing")
     args = p.parse_args()
+    if args.out is None:
+        args.out = (f"benchmarks/results/planner_validation_{Path(args.from_results).stem}.json"
+                    if args.from_results else "benchmarks/results/planner_validation.json")
     if args.render:
         rows = json.loads(Path(args.out).read_text())["rows"]
-        print("\n".join(_table(rows)))
+        print("\n".join(_table(rows) + _host_table(rows) + _routed_table(rows)))
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.from_results:
+        _write(_rows_from_results(Path(args.from_results), args.only), Path(args.out))
+        return
+    if args.re_estimate:
+        doc = json.loads(Path(args.out).read_text())
+        _write([_re_estimate(r) for r in doc["rows"]], Path(args.out),
+               git_of_runs=doc.get("git_of_runs", doc.get("git")))
+        return
     from mopc.planner import estimate_layout
 
     rows = []
@@ -85,32 +114,158 @@ def main() -> None:
                 "error_pct": 100.0 * (est.live_peak - measured) / measured,
                 "estimate_s": est_s,
             })
-    lines = _table(rows)
+    _write(rows, Path(args.out))
+
+
+def _write(rows: list[dict], out: Path, **extra: object) -> None:
+    lines = _table(rows) + _host_table(rows) + _routed_table(rows)
     print("\n" + "\n".join(lines))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "table": lines, "git": git_state()}, indent=2) + "\n")
+    out.write_text(json.dumps({"rows": rows, "table": lines, "git": git_state(), **extra}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
+def _re_estimate(row: dict) -> dict:
+    """`row` (measured earlier) with the current planner's estimate."""
+    from mopc.planner import estimate_layout
+
+    if "error" in row:
+        return row
+    words = row["command"].split()
+    model = words[words.index("--model") + 1]
+    start = time.perf_counter()
+    est = estimate_layout(model, world=row["world"], tp=row["tp"], ep=row["ep"], global_batch=row["global_batch"],
+                          seq_len=row["seq_len"])
+    measured = row["measured"]["peak_max_over_ranks"]
+    return {**row, "estimated": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
+                                 "activations": est.activations, "peak": est.live_peak},
+            "error_pct": 100.0 * (est.live_peak - measured) / measured, "estimate_s": time.perf_counter() - start}
+
+
+_LAYOUT_OPTIONS = {"tp", "ep", "offload", "optimizer_offload"}
+
+
+def _routing_skew(report: dict, ep: int) -> float | None:
+    """The run's own routing: max over EP ranks of the rows it received in all MoE layers / the mean."""
+    load = report.get("expert_load") or {}
+    per_layer = [v["rows_per_rank"] for v in load.values() if len(v.get("rows_per_rank", ())) == ep]
+    if ep <= 1 or not per_layer:
+        return None
+    totals = [sum(rows[r] for rows in per_layer) for r in range(ep)]
+    mean = sum(totals) / ep
+    return max(totals) / mean if mean else None
+
+
+def _rows_from_results(path: Path, only: str) -> list[dict]:
+    """Rows for the mop runs of a `bench_dense_parallel.py` result JSON (nothing is run)."""
+    from mopc.planner import estimate_layout
+
+    doc = json.loads(path.read_text())
+    settings = doc["settings"]
+    model, batch, seq = settings["model"], settings["batch"], settings["seq_len"]
+    rows = []
+    for run, report in doc["runs"].items():
+        cfg = report.get("config", {})
+        opts = cfg.get("mop_options") or {}
+        if cfg.get("backend") != "mop" or cfg.get("baseline") or only not in run:
+            continue
+        if set(opts) - _LAYOUT_OPTIONS or opts.get("offload", "experts") != "experts":
+            continue  # offload="auto" picks per tensor under a budget: not a planner layout
+        world, tp, ep = report["world_size"], opts.get("tp", 1), opts.get("ep", 1)
+        layout = {"world": world, "tp": tp, "ep": ep, "global_batch": batch, "seq_len": seq,
+                      "offload_activations": opts.get("offload") == "experts",
+                      "offload_optimizer": bool(opts.get("optimizer_offload"))}
+        start = time.perf_counter()
+        est = estimate_layout(model, **layout)
+        est_s = time.perf_counter() - start
+        skew = _routing_skew(report, ep)
+        routed = estimate_layout(model, **layout, skew=skew) if skew else est
+        per_rank = report["memory"]["per_rank"]
+        peak = max(m["peak"] for m in per_rank)
+        cats = {k: max(m.get(k, 0) for m in per_rank)
+                for k in ("params", "grads", "optimizer", "activations_peak", "host_peak", "optimizer_host")}
+        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in opts.items()]
+        name = " ".join([model, f"w{world}", *(f"{k}{v}" for k, v in (("tp", tp), ("ep", ep)) if v > 1),
+                         *(["act-off"] if layout["offload_activations"] else []),
+                         *(["opt-off"] if layout["offload_optimizer"] else []), f"s{seq}"])
+        rows.append({
+            "name": name, "source": f"{path}: runs[{run!r}]",
+            "command": f"mopc train --nproc {world} --model {model} --batch {batch} --seq-len {seq} "
+                       f"--steps {settings.get('steps')} {' '.join(flags)}".rstrip(),
+            "world": world, "tp": tp, "ep": ep, "global_batch": batch, "seq_len": seq,
+            "offload_activations": layout["offload_activations"], "offload_optimizer": layout["offload_optimizer"],
+            "estimated": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
+                          "activations": est.activations, "peak": est.live_peak,
+                          "host_activations": est.host_activations, "host_optimizer": est.host_optimizer},
+            "estimated_at_run_routing": {"skew": skew, "activations": routed.activations, "peak": routed.live_peak,
+                                         "host_activations": routed.host_activations},
+            "measured": {**cats, "peak_max_over_ranks": peak, "peak_min_over_ranks": min(m["peak"] for m in per_rank),
+                         "host_peak_min_over_ranks": min(m.get("host_peak", 0) for m in per_rank)},
+            "error_pct": 100.0 * (est.live_peak - peak) / peak,
+            "estimate_s": est_s,
+        })
+    return rows
+
+
 def _table(rows: list[dict]) -> list[str]:
-    header = (f"{'configuration':24} {'params+opt':>10} {'est. act.':>10} {'meas. act.':>10} {'act. err':>8} "
+    w = max([24, *(len(r["name"]) for r in rows)])
+    header = (f"{'configuration':{w}} {'params+opt':>10} {'est. act.':>10} {'meas. act.':>10} {'act. err':>8} "
               f"{'est. peak':>10} {'meas. peak':>10} {'peak err':>8}")
     lines = ["per-rank memory, MiB (live storages; measured = max over ranks; params+opt exact in every row)",
              header, "-" * len(header)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['name']:24} run failed: {r['error']}")
+            lines.append(f"{r['name']:{w}} run failed: {r['error']}")
             continue
         e, m = r["estimated"], r["measured"]
         act_err = 100.0 * (e["activations"] - m["activations_peak"]) / m["activations_peak"]
-        lines.append(f"{r['name']:24} {mib(e['params'] + e['optimizer']):>10} {mib(e['activations']):>10} "
+        lines.append(f"{r['name']:{w}} {mib(e['params'] + e['optimizer']):>10} {mib(e['activations']):>10} "
                      f"{mib(m['activations_peak']):>10} {act_err:>+7.1f}% {mib(e['peak']):>10} "
                      f"{mib(m['peak_max_over_ranks']):>10} {r['error_pct']:>+7.1f}%")
     ok = [r for r in rows if "error" not in r]
     if ok:
         worst = max(abs(r["error_pct"]) for r in ok)
         lines.append(f"worst |peak error| {worst:.1f}% over {len(ok)} configurations")
+    return lines
+
+
+def _err(est: float, meas: float) -> str:
+    return f"{100.0 * (est - meas) / meas:>+7.1f}%" if meas else f"{'-':>8}"
+
+
+def _host_table(rows: list[dict]) -> list[str]:
+    """Host tier: offloaded activations (measured: `host_peak`) and optimizer state (`optimizer_host`)."""
+    rows = [r for r in rows if "error" not in r and (r.get("offload_activations") or r.get("offload_optimizer"))]
+    if not rows:
+        return []
+    w = max([24, *(len(r["name"]) for r in rows)])
+    header = (f"{'configuration':{w}} {'est. act.':>10} {'at run rt.':>10} {'meas. act.':>10} {'act. err':>8} "
+              f"{'est. opt.':>10} {'meas. opt.':>10} {'opt. err':>8}")
+    lines = ["", "host tier, MiB (measured = max over ranks; 'at run rt.' = the estimate at the run's own routing skew)",
+             header, "-" * len(header)]
+    for r in rows:
+        e, m, routed = r["estimated"], r["measured"], r["estimated_at_run_routing"]
+        act = (f"{mib(e['host_activations']):>10} {mib(routed['host_activations']):>10} {mib(m['host_peak']):>10} "
+               f"{_err(e['host_activations'], m['host_peak'])}")
+        opt = f"{mib(e['host_optimizer']):>10} {mib(m['optimizer_host']):>10} {_err(e['host_optimizer'], m['optimizer_host'])}"
+        lines.append(f"{r['name']:{w}} {act} {opt}")
+    return lines
+
+
+def _routed_table(rows: list[dict]) -> list[str]:
+    """The device tier estimated at each run's own routing skew (rows from --from-results)."""
+    routed = [r for r in rows if "error" not in r and (r.get("estimated_at_run_routing") or {}).get("skew")]
+    w = max([24, *(len(r["name"]) for r in routed)])
+    lines = []
+    if routed:
+        lines += ["", ("device tier at the run's own routing skew (max over EP ranks of rows received in all MoE "
+                       "layers / mean), MiB")]
+        for r in routed:
+            e, m = r["estimated_at_run_routing"], r["measured"]
+            lines.append(f"{r['name']:{w}} skew {e['skew']:.2f}: act. {mib(e['activations'])} vs "
+                         f"{mib(m['activations_peak'])} ({_err(e['activations'], m['activations_peak']).strip()}), "
+                         f"peak {mib(e['peak'])} vs {mib(m['peak_max_over_ranks'])} "
+                         f"({_err(e['peak'], m['peak_max_over_ranks']).strip()})")
     return lines
 
 
