@@ -221,7 +221,11 @@ class HostAdamW(torch.optim.Optimizer):
 
         return self._worker.submit(compute)
 
-    def _commit(self, p: torch.Tensor, update: Future) -> Callable[[], Any]:
+    def _commit(self, p: torch.Tensor, update: Future, after: Any = None) -> Callable[[], Any]:
+        """The job that installs `update` in the state and the parameter. On CUDA the copy
+        into the shard waits for `after`, an event recorded at `step()` on the compute
+        stream, so it cannot overwrite a value that backward's kernels still read."""
+
         def run() -> Any:
             step, exp_avg, exp_avg_sq, master = update.result()
             state = self.state[p]
@@ -236,6 +240,8 @@ class HostAdamW(torch.optim.Optimizer):
                 from mopc.runtime.offload import _side_stream
 
                 side = _side_stream(local.device)
+                if after is not None:
+                    side.wait_event(after)
                 with torch.cuda.stream(side):
                     local.copy_(master, non_blocking=True)
                     event = torch.cuda.Event()
@@ -299,8 +305,12 @@ class HostAdamW(torch.optim.Optimizer):
                     self._stats.recomputed += 1
                 self.wait_for(p)
                 updates.append((p, self._submit_update(p, local_tensor(p.grad), _hyper(group))))
+        after = None
+        if any(local_tensor(p).is_cuda for p, _ in updates):
+            after = torch.cuda.Event()
+            after.record()
         for p, update in updates:
-            self._pending[id(p)] = _Pending(commit=self._worker.submit(self._commit(p, update)))
+            self._pending[id(p)] = _Pending(commit=self._worker.submit(self._commit(p, update, after)))
         if not all(host_optim.is_fenced(p) for p, _ in updates):
             self.synchronize()  # some reader of these parameters would not wait: finish now
         return loss
