@@ -81,6 +81,23 @@ class MoPConfig:
     """Free gathered parameters after their forward use and gather them again in
     backward (ZeRO-3), instead of keeping them until backward."""
 
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Mixed precision: the dtype parameters are gathered and computed in. `bf16` casts
+    each fp32 shard to bf16 before its all-gather (half the bytes moved), so the model's
+    matmuls and activations run in bf16 (norms, router and loss upcast inside the model).
+    `fp32` (default) casts nothing: parameters keep the dtype the model was built with.
+    Set by `mopc.parallelize`."""
+
+    reduce_dtype: Literal["fp32", "bf16"] | None = None
+    """Mixed precision: the dtype gradients are reduce-scattered in (None: `param_dtype`).
+    `reduce_dtype="fp32"` with `param_dtype="bf16"` casts each full gradient up before the
+    reduce-scatter (exact mean over ranks, twice the bytes). Set by `mopc.parallelize`."""
+
+    master_dtype: Literal["fp32"] = "fp32"
+    """Mixed precision: the dtype of floating-point shards at rest, which the optimizer
+    updates (its state follows) and which receive the reduced gradients. Acts when
+    `param_dtype` or `reduce_dtype` is not fp32. Set by `mopc.parallelize`."""
+
     # ------------------------------------------------------------ experts
 
     ep: int = 1
@@ -309,6 +326,21 @@ class MoPConfig:
                 )
         return MoPConfig.from_options({**dataclasses.asdict(base), **explicit})
 
+    def mixed_precision(self):
+        """The `mopc.runtime.ownership.MixedPrecision` these options ask for, or None when
+        every dtype is fp32 (nothing is cast: the graphs of the default policy)."""
+        import torch
+
+        from mopc.runtime.ownership import MixedPrecision
+
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        param = dtypes[self.param_dtype]
+        reduce = dtypes[self.reduce_dtype or self.param_dtype]
+        master = dtypes[self.master_dtype]
+        if param == reduce == master == torch.float32:
+            return None
+        return MixedPrecision(param=param, reduce=reduce, master=master)
+
     def check_expert_options(self) -> None:
         """Capacity and spilling shape the expert-parallel dispatch; without it they would do nothing."""
         given = [f"{n}={getattr(self, n)!r}" for n in EXPERT_FIELDS if getattr(self, n) is not None]
@@ -340,7 +372,8 @@ class MoPConfig:
 
 
 LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel", "ep", "expert_bias_update_rate",
-                 "nan_guard", "check_inputs", "collective_timeout_s", "first_step_timeout_s")
+                 "nan_guard", "check_inputs", "collective_timeout_s", "first_step_timeout_s",
+                 "param_dtype", "reduce_dtype", "master_dtype")
 """Fields fixed by `mopc.parallelize` (how parameters are sharded at rest, and the
 balancing hook, step guard and group timeouts it installs)."""
 

@@ -119,6 +119,7 @@ def parallelize(
                 "buffers (named `expert_bias` or `e_score_correction_bias`), and this model has none; build the "
                 "router with a bias (MoEModelConfig.router_bias=True) or pass expert_bias_update_rate=0"
             )
+    _check_precision(config)
     config = config.replace(dp=spec.dp)  # resolved, so torch.compile(options={"dp": ...}) can agree
     param_roles = _param_roles(model, example_inputs, loss_fn)
     plan = make_plan(model, param_roles, spec, config, _tokens_per_rank(example_inputs))  # raises first
@@ -137,7 +138,8 @@ def parallelize(
 
     with torch.no_grad():
         shard_module_params(model, dict(plan.layouts), rank=dist.get_rank(), world_mesh=meshes.world,
-                            group_name=meshes.world_group, full_value=full_value, device=device)
+                            group_name=meshes.world_group, full_value=full_value, device=device,
+                            precision=config.mixed_precision())
         _materialize_buffers(model, init_fn, device)
     for param in model.parameters():  # the backend reads the layout options from its inputs
         param._mopc_config = config  # type: ignore[attr-defined]
@@ -150,6 +152,17 @@ def parallelize(
                        first_step_timeout_s=config.first_step_timeout_s)
     log.info("mopc.parallelize: %s", plan.summary().replace("\n", "; "))
     return model
+
+
+def _check_precision(config: MoPConfig) -> None:
+    """bf16 needs a device that computes in it (every CPU does; CUDA from Ampere on)."""
+    if "bf16" not in (config.param_dtype, config.reduce_dtype):
+        return
+    device = rank_device()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = "param_dtype" if config.param_dtype == "bf16" else "reduce_dtype"
+        raise MoPConfigError(f"mop option {name}='bf16' is not supported by {torch.cuda.get_device_name(device)}; "
+                             f"use {name}='fp32'")
 
 
 def _balance_after_each_step(model: nn.Module, rate: float, edp_group: str) -> None:

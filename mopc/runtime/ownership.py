@@ -34,6 +34,7 @@ from mopc.plan.mesh import all_gather_flat, reduce_scatter_flat, resolve_group
 from mopc.runtime.host_optim import wait_all_updates
 
 __all__ = [
+    "MixedPrecision",
     "ParamLayout",
     "full_parameters",
     "full_to_gathered",
@@ -127,19 +128,29 @@ def local_shard(full: torch.Tensor, layout: ParamLayout, rank: int) -> torch.Ten
 
 
 @torch.library.custom_op("mopc::unshard", mutates_args=())
-def unshard_op(shard: torch.Tensor, shape: list[int], chunk_dim: int, num_chunks: int, group_name: str) -> torch.Tensor:
-    """All-gather this rank's piece over `group_name` (the world) into the full parameter."""
+def unshard_op(shard: torch.Tensor, shape: list[int], chunk_dim: int, num_chunks: int, group_name: str,
+               dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """All-gather this rank's piece over `group_name` (the world) into the full parameter.
+
+    Mixed precision (`param_dtype`, `reduce_dtype`): `dtype` casts the piece before the
+    gather, so the gather moves and returns `dtype`; `reduce_dtype` is the dtype the
+    backward reduce-scatters the gradient in (None: the gradient's own). The gradient of
+    the shard is always returned in the shard's dtype. Both None (the default, fp32) add
+    no cast.
+    """
     wait_all_updates()  # an eager read after HostAdamW.step() sees the updated shard
     group = resolve_group(group_name)
     world = group.size()
+    if dtype is not None:
+        shard = shard.to(dtype)
     gathered = shard.new_empty(shard.numel() * world)
     all_gather_flat(gathered, shard.contiguous(), group=group)
     return gathered_to_full(gathered, shape, chunk_dim, num_chunks, world)
 
 
 @unshard_op.register_fake
-def _unshard_fake(shard, shape, chunk_dim, num_chunks, group_name):
-    return shard.new_empty(shape)
+def _unshard_fake(shard, shape, chunk_dim, num_chunks, group_name, dtype=None, reduce_dtype=None):
+    return shard.new_empty(shape, dtype=dtype or shard.dtype)
 
 
 @torch.library.custom_op("mopc::reduce_grad", mutates_args=())
@@ -162,12 +173,20 @@ def _reduce_grad_fake(grad, chunk_dim, num_chunks, group_name):
 
 
 def _unshard_setup(ctx, inputs, output):
-    _, _, ctx.chunk_dim, ctx.num_chunks, ctx.group_name = inputs
+    shard, _, ctx.chunk_dim, ctx.num_chunks, ctx.group_name, *dtypes = inputs
+    ctx.shard_dtype = shard.dtype
+    ctx.reduce_dtype = dtypes[1] if len(dtypes) > 1 else None
 
 
 def _unshard_backward(ctx, grad):
+    # the casts sit outside reduce_grad, so the collective moves reduce_dtype and the
+    # optimizer gets a gradient in its shard's dtype (fp32 master)
+    if ctx.reduce_dtype is not None and grad.dtype != ctx.reduce_dtype:
+        grad = grad.to(ctx.reduce_dtype)
     shard_grad = torch.ops.mopc.reduce_grad(grad, ctx.chunk_dim, ctx.num_chunks, ctx.group_name)
-    return shard_grad, None, None, None, None
+    if shard_grad.dtype != ctx.shard_dtype:
+        shard_grad = shard_grad.to(ctx.shard_dtype)
+    return shard_grad, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mopc::unshard", _unshard_backward, setup_context=_unshard_setup)
@@ -175,11 +194,32 @@ torch.library.register_autograd("mopc::unshard", _unshard_backward, setup_contex
 
 # ------------------------------------------------------------------------ modules
 
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """The dtypes of a mixed-precision policy (MoPConfig `param_dtype`, `reduce_dtype`,
+    `master_dtype`): shards at rest in `master`, gathered and computed in `param`,
+    gradients reduce-scattered in `reduce`."""
+
+    param: torch.dtype
+    reduce: torch.dtype
+    master: torch.dtype = torch.float32
+
+
+def _gather_dtypes(shard: torch.Tensor, precision: MixedPrecision | None) -> tuple[torch.dtype, ...]:
+    """The extra `mopc::unshard` arguments of one shard: none when nothing is cast."""
+    if precision is None or not shard.is_floating_point():
+        return ()
+    if precision.param == shard.dtype and precision.reduce == shard.dtype:
+        return ()
+    return (precision.param, precision.reduce)
+
 def _gather_property(name: str) -> property:
     def fget(self: nn.Module) -> torch.Tensor:
-        shape, chunk_dim, num_chunks, group_name = self._mopc_gather[name]
+        shape, chunk_dim, num_chunks, group_name, *dtypes = self._mopc_gather[name]
         local = self._parameters[name].to_local()  # every shard is a DTensor parameter
-        return torch.ops.mopc.unshard(local, shape, chunk_dim, num_chunks, group_name)
+        # no dtype arguments under the default policy: the graphs stay as they were
+        return torch.ops.mopc.unshard(local, shape, chunk_dim, num_chunks, group_name, *dtypes)
 
     return property(fget)
 
@@ -206,12 +246,15 @@ def shard_module_params(
     group_name: str,
     full_value: Callable[[str, torch.Tensor], torch.Tensor],
     device: torch.device,
+    precision: MixedPrecision | None = None,
 ) -> None:
     """Replace each parameter of `layouts` by its shard (a DTensor parameter) in place.
 
     `full_value(fqn, param)` returns the full values of one parameter (the parameter
     itself for a materialised model, or a freshly initialised tensor for a `meta` model);
     only one full parameter exists at a time. Tied parameters are sharded once.
+    `precision` (mixed precision): floating-point shards are kept in its `master` dtype,
+    gathered in its `param` dtype and their gradients reduced in its `reduce` dtype.
     """
     from torch.distributed.tensor import DTensor, Shard
 
@@ -228,7 +271,8 @@ def shard_module_params(
                 if layout is None:
                     continue
                 full = full_value(fqn, param)
-                local = local_shard(full.to(device=device, dtype=param.dtype), layout, rank)
+                dtype = precision.master if precision and param.is_floating_point() else param.dtype
+                local = local_shard(full.to(device=device, dtype=dtype), layout, rank)
                 del full
                 dt = DTensor.from_local(local, world_mesh, [Shard(0)], run_check=False)
                 new = nn.Parameter(dt, requires_grad=param.requires_grad)
@@ -240,8 +284,9 @@ def shard_module_params(
         for name in params:
             del module._parameters[name]
         module.__class__ = _sharded_class(type(module), tuple(sorted(params)))
-        module._mopc_gather = {name: (list(layout.shape), layout.chunk_dim, layout.num_chunks, group_name)
-                               for name, (_, layout) in params.items()}
+        module._mopc_gather = {name: (list(layout.shape), layout.chunk_dim, layout.num_chunks, group_name,
+                                      *_gather_dtypes(new, precision))
+                               for name, (new, layout) in params.items()}
         for name, (new, _) in params.items():
             module._parameters[name] = new
 

@@ -61,8 +61,16 @@ class _Unsupported(Exception):
     """This block keeps the reference layout."""
 
 
-def _is_shard_side(node: Node, shard_side: set[Node]) -> bool:
-    return node in shard_side or (bool(node.all_input_nodes) and all(is_reduce_grad(a) for a in node.all_input_nodes))
+def _is_shard_side(node: Node, shard_side: set[Node], reduced: set[Node]) -> bool:
+    """A view that unwraps a shard, or an op on reduced gradients only (the view that wraps
+    a DTensor; under mixed precision the cast back to the shard's dtype before it). Call it
+    in graph order: `reduced` collects the latter."""
+    if node in shard_side:
+        return True
+    if node.all_input_nodes and all(is_reduce_grad(a) or a in reduced for a in node.all_input_nodes):
+        reduced.add(node)
+        return True
+    return False
 
 
 @dataclass
@@ -73,10 +81,11 @@ class _Block:
 
 def _blocks(gm: GraphModule) -> list[_Block]:
     shard_side = {n.args[0] for n in gm.graph.nodes if is_unshard(n)}
+    reduced: set[Node] = set()
     by_layer: dict[Any, _Block] = {}
     for node in gm.graph.nodes:
         if (node.op != "call_function" or node.meta.get("mopc_role") != "expert" or is_unshard(node)
-                or is_reduce_grad(node) or _is_shard_side(node, shard_side)
+                or is_reduce_grad(node) or _is_shard_side(node, shard_side, reduced)
                 or str(node.target).startswith("_c10d_functional")):
             continue
         layer = node.meta.get("mopc_layer")
@@ -300,7 +309,7 @@ class _Rewrite:
         regather = {"recompute": CheckpointPolicy.MUST_RECOMPUTE, "ac_graph_id": 0} if self.reshard else {}
         expert_meta = {"mopc_role": "expert", "mopc_layer": layer}
         for u, (chunk_val, ext_val) in self.chunk_vals.items():
-            chunk = call(mopc_ops.unshard.default, (u.args[0], list(chunk_val.shape), 0, 1, self.edp_group),
+            chunk = call(mopc_ops.unshard.default, (u.args[0], list(chunk_val.shape), 0, 1, self.edp_group, *u.args[5:]),
                          chunk_val, u, {k: v for k, v in u.meta.items() if k != "val"})
             if self.spill > 0:  # after the counts (`_check_order`), before the weight's first use
                 chunk = call(mopc_ops.ep_lend_weights.default, (chunk, counts, counts_all, *route), ext_val,

@@ -73,8 +73,11 @@ def _buckets(nodes: list[Node], order: dict[Node, int], bucket_bytes: int) -> li
 def _gather_bucket(members: list[Node], world: int, group: str) -> Callable[..., list[torch.Tensor]]:
     layouts = [(list(m.args[1]), m.args[2], m.args[3]) for m in members]
     sizes = [_piece_numel(m) for m in members]
+    dtype = members[0].meta["val"].dtype  # the bucket's (one) gathered dtype: param_dtype
 
     def gather(*shards: torch.Tensor) -> list[torch.Tensor]:
+        # mixed precision: cast before the collective, so it moves param_dtype bytes
+        shards = tuple(s if s.dtype == dtype else s.to(dtype) for s in shards)
         flat = shards[0] if len(shards) == 1 else torch.cat(shards)
         gathered = c10d.wait_tensor(c10d.all_gather_into_tensor(flat, world, group))
         per_rank = gathered.view(world, -1)
@@ -114,14 +117,28 @@ def _hoist_shard_views(graph: torch.fx.Graph, unshards: list[Node]) -> None:
             last_input = src
 
 
+def _only_to_output(node: Node, output: Node) -> list[Node]:
+    """`node` and the nodes after it, when it is a chain of one-input ops that ends at the
+    output (a cast back to the shard's dtype, then the view that wraps a DTensor); else []."""
+    if node.op != "call_function" or len(node.all_input_nodes) != 1:
+        return []
+    if set(node.users) == {output}:
+        return [node]
+    if len(node.users) != 1:
+        return []
+    rest = _only_to_output(next(iter(node.users)), output)
+    return [node, *rest] if rest else []
+
+
 def _sink_grad_views(graph: torch.fx.Graph, reduces: list[Node]) -> None:
-    """Move the views that wrap shard gradients (back into DTensors) down to the output,
-    so that a bucket's gradients are not read before its reduce-scatter has run."""
+    """Move the views that wrap shard gradients (back into DTensors), and under mixed
+    precision the casts back to the shard's dtype before them, down to the output, so that
+    a bucket's gradients are not read before its reduce-scatter has run."""
     output = graph.find_nodes(op="output")[0]
     for node in reduces:
         for user in list(node.users):
-            if user.op == "call_function" and set(user.users) == {output}:
-                output.prepend(user)
+            for moved in _only_to_output(user, output):
+                output.prepend(moved)
 
 
 @register_pass(
@@ -136,10 +153,13 @@ def gather_params(gm: GraphModule, ctx, *, bucket_bytes: int, reshard_after_forw
     Algorithm:
     1. collect the unshard nodes (forward) and reduce_grad nodes (backward) in graph order;
     2. bucket consecutive ones of the same layer, dtype and group up to `bucket_bytes`;
-    3. per unshard bucket, before its first member: concatenate the flat shards, one
+    3. per unshard bucket, before its first member: cast the flat shards to the gathered
+       dtype (mixed precision's `param_dtype`; no cast by default), concatenate them, one
        `all_gather_into_tensor` over the world, wait, split per parameter and reassemble
        each full parameter from its rank-ordered pieces (`gathered_to_full`);
-    4. per reduce_grad bucket, before its last member: lay each gradient out in rank order
+    4. per reduce_grad bucket, before its last member (its gradients are already in
+       `reduce_dtype`: the cast up or down is the unshard backward's, outside reduce_grad,
+       as is the cast of the reduced shard back to the shard's dtype), lay each gradient out in rank order
        (`full_to_gathered`), concatenate, one `reduce_scatter_tensor(sum)`, wait, divide
        by the world size, split per parameter;
     5. tag the gather nodes `MUST_RECOMPUTE` (when `reshard_after_forward`), so the

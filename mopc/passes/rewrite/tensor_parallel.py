@@ -153,7 +153,7 @@ class _Rewrite:
 
     def _chunk(self, unshard: Node) -> Any:
         if unshard not in self.chunks:
-            _, shape, chunk_dim, num_chunks, group = unshard.args
+            _, shape, chunk_dim, num_chunks, group = unshard.args[:5]  # [5:]: mixed-precision dtypes
             if num_chunks != self.tp or group != self.world_group:
                 raise _Unsupported(f"parameter input {unshard.args[0]} is not chunked over tp={self.tp}")
             chunk = list(shape)
@@ -399,8 +399,9 @@ class _Rewrite:
         replaced: dict[Node, Node] = {}
         for unshard, chunk in self.chunks.items():
             with graph.inserting_before(unshard):
-                new = graph.call_function(torch.ops.mopc.unshard.default,
-                                          (unshard.args[0], list(chunk.shape), 0, 1, self.dp_group))
+                new = graph.call_function(torch.ops.mopc.unshard.default,  # args[5:]: mixed-precision dtypes
+                                          (unshard.args[0], list(chunk.shape), 0, 1, self.dp_group,
+                                           *unshard.args[5:]))
             new.meta = {**unshard.meta, "val": chunk}
             replaced[unshard] = new
         # 2. tokens of the tensor-parallel group, gathered once per input

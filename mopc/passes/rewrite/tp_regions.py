@@ -56,6 +56,7 @@ def _is_collective(node: Node) -> bool:
 def regions(gm: GraphModule) -> list[Region]:
     by_key: dict[tuple, Region] = {}
     shard_side: set[Node] = set()
+    reduced: set[Node] = set()
     for node in gm.graph.nodes:  # the views that unwrap shards feed unshard only
         if is_unshard(node):
             shard_side.add(node.args[0])
@@ -64,8 +65,9 @@ def regions(gm: GraphModule) -> list[Region]:
         if (node.op != "call_function" or role not in TP_ROLES or is_unshard(node) or is_reduce_grad(node)
                 or node in shard_side or _is_collective(node)):
             continue
-        if all(is_reduce_grad(a) for a in node.all_input_nodes) and node.all_input_nodes:
-            continue  # views of a reduced gradient (the DTensor wrapper)
+        if all(is_reduce_grad(a) or a in reduced for a in node.all_input_nodes) and node.all_input_nodes:
+            reduced.add(node)  # views of a reduced gradient (the DTensor wrapper; casts to the shard's dtype)
+            continue
         key = (role, node.meta.get("mopc_layer"))
         by_key.setdefault(key, Region(*key)).nodes.append(node)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

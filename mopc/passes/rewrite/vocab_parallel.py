@@ -118,7 +118,7 @@ def _find(gm: GraphModule) -> list[_Match] | str:
         if not (weight_side.target is aten.t.default and is_unshard(weight_side.args[0])):
             return "the logits are not h @ w.T of a sharded [vocab, hidden] weight"
         unshard = weight_side.args[0]
-        _, shape, chunk_dim, num_chunks, group = unshard.args
+        _, shape, chunk_dim, num_chunks, group = unshard.args[:5]  # [5:]: mixed-precision dtypes
         if num_chunks != group_size(group) or chunk_dim != 0 or len(shape) != 2:
             return (f"the projection weight is not laid out by vocabulary rows (vocab_parallel=False, "
                     f"or the weight {shape} is tied to another role)")
@@ -144,7 +144,7 @@ def _find(gm: GraphModule) -> list[_Match] | str:
 
 
 def _grad_w_of(reduce: Node, grad_logits: Node, act_src: Node) -> bool:
-    src = view_source(reduce.args[0])
+    src = view_source(_upstream(reduce.args[0]))  # through reduce_dtype's cast
     return src.target is aten.mm.default and {view_source(a) for a in src.args} == {grad_logits, act_src}
 
 
@@ -153,12 +153,12 @@ def _gather(x: torch.Tensor, world: int, group: str) -> torch.Tensor:
 
 
 def _forward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ignore_index: int,
-                reduction: int, loss_dtype: torch.dtype) -> Callable:
+                reduction: int, param_dtype: torch.dtype, loss_dtype: torch.dtype) -> Callable:
     """Per chunk of `chunk` own tokens: gather that chunk from every rank ([W·chunk, D]),
     logits on the vocabulary shard, log-sum-exp and target logit by all-reduce."""
 
     def forward(h: torch.Tensor, shard: torch.Tensor, labels: torch.Tensor):
-        w = shard.view(rows, -1)
+        w = shard.view(rows, -1).to(param_dtype)  # mixed precision: the dtype unshard gathered in
         own_losses, lses = [], []
         for h_c, y_c in zip(h.split(chunk), labels.split(chunk)):
             c = h_c.shape[0]
@@ -182,13 +182,13 @@ def _forward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ign
 
 
 def _backward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ignore_index: int,
-                 reduction: int) -> Callable:
+                 reduction: int, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> Callable:
     """Per chunk, as in forward: recompute the shard's logits, dlogits = coef (softmax - onehot),
     accumulate dw, reduce-scatter the chunk's dh back to its owners."""
 
     def backward(grad: torch.Tensor, h: torch.Tensor, shard: torch.Tensor, labels: torch.Tensor,
                  lse: torch.Tensor, count: torch.Tensor):
-        w = shard.view(rows, -1)
+        w = shard.view(rows, -1).to(param_dtype)
         coef = (grad / count if reduction == _MEAN else grad).float().reshape(1)
         coefs = _gather(coef, world, group)  # every rank's dL_r / d(token loss)
         grad_w = torch.zeros_like(w, dtype=torch.float32)  # summed over chunks: accumulate in fp32
@@ -206,7 +206,8 @@ def _backward_fn(*, world: int, rank: int, group: str, rows: int, chunk: int, ig
             dlogits = (probs * scale[:, None]).to(w.dtype)
             grad_w = grad_w + torch.mm(dlogits.t(), h_all).float()
             grad_h.append(c10d.wait_tensor(c10d.reduce_scatter_tensor(torch.mm(dlogits, w), "sum", world, group)))
-        return torch.cat(grad_h), (grad_w / world).to(w.dtype).reshape(-1)
+        # in the dtype the replaced reduce_grad produced (reduce_dtype; its cast to the shard's follows)
+        return torch.cat(grad_h), (grad_w / world).to(reduce_dtype).reshape(-1)
 
     return backward
 
@@ -242,7 +243,7 @@ def vocab_parallel_loss(gm: GraphModule, ctx, *, chunk_tokens: int) -> GraphModu
         ignore_index, reduction = m.nll.args[4], m.nll.args[3]
         own_chunk = max(1, chunk_tokens // world)  # a gathered chunk holds about chunk_tokens tokens
         common = {"world": world, "rank": rank, "group": group, "rows": rows, "chunk": own_chunk,
-                  "ignore_index": ignore_index, "reduction": reduction}
+                  "ignore_index": ignore_index, "reduction": reduction, "param_dtype": m.unshard.meta["val"].dtype}
         shard, labels = m.unshard.args[0], m.nll.args[1]
         loss_dtype = m.nll.meta["val"][0].dtype
         fwd = insert_traced(gm.graph, _forward_fn(**common, loss_dtype=loss_dtype), [m.act, shard, labels],
@@ -250,7 +251,7 @@ def vocab_parallel_loss(gm: GraphModule, ctx, *, chunk_tokens: int) -> GraphModu
         loss, count, lse = fwd
         for user in list(m.nll.users):
             user.replace_all_uses_with(loss if user.args[1] == 0 else count)
-        bwd = insert_traced(gm.graph, _backward_fn(**common),
+        bwd = insert_traced(gm.graph, _backward_fn(**common, reduce_dtype=m.reduce.meta["val"].dtype),
                             [m.nll_bwd.args[0], m.act, shard, labels, lse, count],
                             before=m.nll_bwd, meta={"mopc_role": "vocab_projection", "mopc_layer": None})
         grad_h, grad_w = bwd
