@@ -15,7 +15,8 @@ from mopc.runtime.trainer import TrainSettings, TrainSettingsError
 
 REPORT_KEYS = {"config", "world_size", "losses", "memory", "comm_bytes_per_step", "comm_bytes_source",
                "step_time_s"}
-MEMORY_KEYS = {"rank", "params", "grads", "optimizer", "activations_peak", "peak", "peak_rss", "host_peak"}
+MEMORY_KEYS = {"rank", "params", "grads", "optimizer", "activations_peak", "peak", "peak_rss", "host_peak",
+               "optimizer_host"}
 
 
 def _sample(name: str, hint: typing.Any, default: typing.Any) -> tuple[list[str], typing.Any]:
