@@ -50,7 +50,7 @@ def _mm_dtypes(text: str) -> dict[str, set[str]]:
     return out
 
 
-@pytest.mark.parametrize("reduce_dtype", [None, "fp32"])
+@pytest.mark.parametrize("reduce_dtype", [pytest.param(None, marks=pytest.mark.large), "fp32"])
 def test_bf16_gathers_and_computes_in_bf16_and_keeps_fp32_shards(tmp_path, fake_world_factory, reduce_dtype):
     fake_world_factory(WORLD, RANK)
     options = {"param_dtype": "bf16"} | ({"reduce_dtype": reduce_dtype} if reduce_dtype else {})
@@ -84,7 +84,7 @@ def test_default_policy_casts_nothing(tmp_path, fake_world_factory):
     assert MoPConfig().mixed_precision() is None
 
 
-@pytest.mark.parametrize("options", [{"tp": 2}, {"ep": 2}])
+@pytest.mark.parametrize("options", [pytest.param({"tp": 2}, marks=pytest.mark.large), {"ep": 2}])
 def test_bf16_under_tensor_and_expert_parallelism(tmp_path, fake_world_factory, options):
     fake_world_factory(WORLD, RANK)
     model, _, index, text = _compile(tmp_path, param_dtype="bf16", **options)

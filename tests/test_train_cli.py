@@ -29,7 +29,7 @@ def _sample(name: str, hint: typing.Any, default: typing.Any) -> tuple[list[str]
     if hint is bool:
         return ([f"--no-{flag[2:]}"], False) if default else ([flag], True)
     if origin is typing.Literal:
-        value = next(a for a in args if a != default)
+        value = next((a for a in args if a != default), default)  # a one-value Literal: its only value
         return [flag, str(value)], value
     if origin is tuple:
         return [flag, "a,b"], ("a", "b")
@@ -47,7 +47,7 @@ def test_every_moconfig_field_is_a_flag():
     assert fields, "MoPConfig has fields"
     for f in fields:
         words, value = _sample(f.name, hints[f.name], f.default)
-        assert mop_options(_train_args(*words)) == {f.name: value}, words
+        assert mop_options(_train_args(*words)) == {f.name: value}, words  # given, even if the default
 
 
 def test_only_flags_given_are_passed():
