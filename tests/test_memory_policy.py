@@ -61,7 +61,7 @@ def _recording_partitions():
         mopc.backend._Compilation.partition = partition
 
 
-def _train(options: dict, steps: int = 2) -> Run:
+def _train(options: dict, steps: int = 5) -> Run:
     torch._dynamo.reset()
     model = build_model(CONFIG, device="cpu", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -19,7 +19,7 @@ from mopc.runtime.trainer import synthetic_batch
 CONFIG = dataclasses.replace(PRESETS["tiny"], num_layers=2)  # one dense and one MoE layer
 
 
-def _train(options: dict, tmp_path, steps: int = 3):
+def _train(options: dict, tmp_path, steps: int = 5):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(CONFIG, device="cpu", seed=0)
