@@ -122,9 +122,10 @@ class HostAdamW(torch.optim.Optimizer):
         self._master_version: dict[int, int] = {}
         self._stats = _Stats()
         self._hooks = []
+        self._group_by_id: dict[int, dict[str, Any]] = {}  # id(param) -> its group (hot: every gradient)
         for group in self.param_groups:
             for p in group["params"]:
-                self._adopt(p)
+                self._adopt(p, group)
 
     # ------------------------------------------------------------------ setup
 
@@ -132,9 +133,10 @@ class HostAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_hooks"):  # after __init__: a group added later
             for p in self.param_groups[-1]["params"]:
-                self._adopt(p)
+                self._adopt(p, self.param_groups[-1])
 
-    def _adopt(self, p: torch.Tensor) -> None:
+    def _adopt(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        self._group_by_id[id(p)] = group
         host_optim.set_owner(p, self)
         if p.requires_grad:  # weakly: a parameter must not keep an optimizer it outlives alive
             method = weakref.WeakMethod(self._on_accumulated)
@@ -147,10 +149,7 @@ class HostAdamW(torch.optim.Optimizer):
             self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any] | None:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        return None
+        return self._group_by_id.get(id(p))
 
     @staticmethod
     def _pin(p: torch.Tensor) -> bool:

@@ -38,11 +38,9 @@ class HandoffSummary:
     fences: int
 
 
-def _grad_producer_order(bw: GraphModule, node: Node) -> Node:
-    """Where to insert the hand-off: after `node`, but never among the placeholders."""
-    if node.op != "placeholder":
-        return node
-    return max(bw.graph.find_nodes(op="placeholder"), key=lambda n: list(bw.graph.nodes).index(n))
+def _insert_after(bw: GraphModule, node: Node) -> Node:
+    """Where the hand-off goes: after `node`, or after the last placeholder if `node` is one."""
+    return node if node.op != "placeholder" else bw.graph.find_nodes(op="placeholder")[-1]
 
 
 def insert_update_handoffs(fw: GraphModule, bw: GraphModule, *, primal_names: list[str],
@@ -62,7 +60,7 @@ def insert_update_handoffs(fw: GraphModule, bw: GraphModule, *, primal_names: li
         key = keys.get(name)
         if key is None or not isinstance(grad, Node) or not isinstance(grad.meta.get("val"), torch.Tensor):
             continue
-        with bw.graph.inserting_after(_grad_producer_order(bw, grad)):
+        with bw.graph.inserting_after(_insert_after(bw, grad)):
             node = bw.graph.call_function(grad_ready, (grad, key))
         node.meta["mopc_role"] = "optimizer"
         if "mopc_layer" in grad.meta:
