@@ -84,7 +84,8 @@ def test_default_policy_casts_nothing(tmp_path, fake_world_factory):
     assert MoPConfig().mixed_precision() is None
 
 
-@pytest.mark.parametrize("options", [pytest.param({"tp": 2}, marks=pytest.mark.large), {"ep": 2}])
+@pytest.mark.parametrize("options", [pytest.param({"tp": 2}, marks=pytest.mark.large),
+                                     pytest.param({"ep": 2}, marks=pytest.mark.large)])
 def test_bf16_under_tensor_and_expert_parallelism(tmp_path, fake_world_factory, options):
     fake_world_factory(WORLD, RANK)
     model, _, index, text = _compile(tmp_path, param_dtype="bf16", **options)
