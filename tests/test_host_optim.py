@@ -154,3 +154,44 @@ def test_checkpoint_with_pending_updates_resumes_exactly(tmp_path):
         train(other, other_opt, range(2, 4))
         for a, b in zip(model.parameters(), other.parameters(), strict=True):
             assert torch.equal(a, b), make.__name__
+
+
+def test_refused_step_commits_nothing():
+    """A step pre-hook that raises (as the non-finite guard does) after an overlapped
+    backward leaves parameters and state as they were; training then goes on exactly."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    def run(make_opt):
+        torch._dynamo.reset()
+        model = build_model(CONFIG, device="cpu", seed=0)
+        opt = make_opt(model.parameters())
+        fn = torch.compile(model, backend="mop", options={"optimizer_offload": True})
+        refuse = {"left": 1}
+
+        def guard(optimizer, args, kwargs):
+            if refuse["left"]:
+                refuse["left"] -= 1
+                raise FloatingPointError("refused")
+
+        for i in range(3):
+            fn(**synthetic_batch(i, 4, 32, CONFIG.vocab_size, 0)).backward()
+            if i == 1:  # the refused attempt: its backward's staged updates must be dropped
+                before = [p.detach().clone() for p in model.parameters()]
+                handle = register_optimizer_step_pre_hook(guard)
+                with pytest.raises(FloatingPointError):
+                    opt.step()
+                handle.remove()
+                if hasattr(opt, "synchronize"):
+                    opt.synchronize()
+                assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+            else:
+                opt.step()
+            opt.zero_grad()
+        if hasattr(opt, "synchronize"):
+            opt.synchronize()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    ref, _ = run(_adamw)
+    got, opt = run(_host)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+    assert opt.overlap_stats()["used_staged"] > 0
