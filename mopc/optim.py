@@ -74,7 +74,6 @@ def _to_host(t: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
 class _Staged:
     """One parameter's update computed ahead of `step()`."""
 
-    grad: torch.Tensor
     hyper: tuple
     future: Future
     seen: tuple[int, int] | None = None
@@ -263,7 +262,7 @@ class HostAdamW(torch.optim.Optimizer):
             return
         self.wait_for(param)  # last step's commit of this parameter (normally long done)
         hyper = _hyper(group)
-        self._staged[id(param)] = _Staged(grad=grad, hyper=hyper, future=self._submit_update(param, grad, hyper))
+        self._staged[id(param)] = _Staged(hyper=hyper, future=self._submit_update(param, grad, hyper))
         self._stats.staged_in_backward += 1
 
     def _on_accumulated(self, param: torch.Tensor) -> None:

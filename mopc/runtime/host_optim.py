@@ -118,13 +118,6 @@ def wait_all_updates() -> None:
         owner.synchronize()
 
 
-def wait_for_param(param: torch.Tensor) -> None:
-    key = key_of(param)
-    owner = owner_of(key) if key is not None else None
-    if owner is not None:
-        owner.wait_for(param)
-
-
 # ------------------------------------------------------------------------ the ops
 
 
