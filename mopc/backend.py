@@ -179,7 +179,7 @@ class _Compilation:
         if self.inputs.layout_config is None:
             return compiled
         config, graph_id = self.config, self.graph_id
-        check_shapes = config.check_inputs and (config.tp > 1 or config.vocab_parallel)
+        check_shapes = config.check_inputs and (config.tp > 1 or config.cp > 1 or config.vocab_parallel)
         placeholders = gm.graph.find_nodes(op="placeholder")
         state = self.inputs.names[len(self.inputs.names) - len(placeholders):]  # module path, or None for data
         names = [ph.name if fqn is None else None for ph, fqn in zip(placeholders, state, strict=True)]

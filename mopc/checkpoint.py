@@ -347,7 +347,8 @@ def _layout_summary(model: nn.Module) -> dict[str, Any]:
     if plan is None:
         return {"parallelized": False}
     spec = plan.spec
-    return {"parallelized": True, "world_size": spec.world_size, "dp": spec.dp, "tp": spec.tp, "ep": spec.ep}
+    return {"parallelized": True, "world_size": spec.world_size, "dp": spec.dp, "tp": spec.tp, "ep": spec.ep,
+            "cp": spec.cp}
 
 
 # ------------------------------------------------------------------------ load

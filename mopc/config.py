@@ -58,7 +58,14 @@ class MoPConfig:
     groups of `tp` consecutive ranks. Must divide the world size and the head counts."""
 
     dp: int | None = None
-    """Data-parallel degree; default: the world size divided by `tp` (and later `pp`)."""
+    """Data-parallel degree; default: the world size divided by `tp` and `cp`."""
+
+    cp: int = 1
+    """Context-parallel degree: every sequence is cut into 2·cp chunks and each rank of a
+    context-parallel group (`cp` ranks, strided by `tp`) holds two of them, an early and a
+    late one (`mopc.shard_sequence` cuts a batch that way). Attention gathers the group's
+    keys and values; every other layer runs on the rank's own tokens. The sequence length
+    must be divisible by 2·cp; `cp` must divide the world size divided by `tp`."""
 
     plan: Literal["manual", "auto"] = "manual"
     """`manual` applies `tp` to every attention and dense MLP block; `auto` lets the
@@ -207,7 +214,7 @@ class MoPConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-        for name in ("tp", "dp", "loss_chunk_tokens", "ep", "expert_spill_slots"):
+        for name in ("tp", "dp", "cp", "loss_chunk_tokens", "ep", "expert_spill_slots"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MoPConfigError(f"mop option {name}={value!r} must be a positive integer")
@@ -371,7 +378,7 @@ class MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})
 
 
-LAYOUT_FIELDS = ("tp", "dp", "plan", "vocab_parallel", "ep", "expert_bias_update_rate",
+LAYOUT_FIELDS = ("tp", "dp", "cp", "plan", "vocab_parallel", "ep", "expert_bias_update_rate",
                  "nan_guard", "check_inputs", "collective_timeout_s", "first_step_timeout_s",
                  "param_dtype", "reduce_dtype", "master_dtype")
 """Fields fixed by `mopc.parallelize` (how parameters are sharded at rest, and the

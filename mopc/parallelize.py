@@ -120,7 +120,8 @@ def parallelize(
                 "router with a bias (MoEModelConfig.router_bias=True) or pass expert_bias_update_rate=0"
             )
     _check_precision(config)
-    config = config.replace(dp=spec.dp)  # resolved, so torch.compile(options={"dp": ...}) can agree
+    _check_sequence(example_inputs, spec)
+    config = config.replace(dp=spec.data_parallel)  # resolved, so torch.compile(options={"dp": ...}) can agree
     param_roles = _param_roles(model, example_inputs, loss_fn)
     plan = make_plan(model, param_roles, spec, config, _tokens_per_rank(example_inputs))  # raises first
     meshes = build_meshes(spec)
@@ -146,12 +147,70 @@ def parallelize(
     model.mopc_plan = plan  # type: ignore[assignment]
     if config.expert_bias_update_rate > 0:
         _balance_after_each_step(model, config.expert_bias_update_rate, meshes.edp_group)
-    install_step_guard(model, (meshes.world_group, meshes.dp_group, meshes.tp_group, meshes.ep_group,
-                               meshes.edp_group), check=config.nan_guard,
+    groups = (meshes.world_group, meshes.dp_group, meshes.tp_group, meshes.ep_group, meshes.edp_group)
+    install_step_guard(model, groups + ((meshes.cp_group,) if meshes.cp_group else ()), check=config.nan_guard,
                        collective_timeout_s=config.collective_timeout_s,
                        first_step_timeout_s=config.first_step_timeout_s)
     log.info("mopc.parallelize: %s", plan.summary().replace("\n", "; "))
     return model
+
+
+def _check_sequence(example_inputs: tuple | dict, spec: MeshSpec) -> None:
+    """Under context parallelism a rank's tokens are two equal chunks of every sequence."""
+    if spec.cp == 1:
+        return
+    values = example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs
+    for value in values:
+        if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dim() >= 2:
+            local = value.shape[1]
+            if local % 2:
+                raise MoPConfigError(
+                    f"mop option cp={spec.cp}: the example batch holds {local} tokens per sequence on this rank "
+                    f"(a sequence length of {local * spec.cp}), but each rank holds two equal chunks, so the "
+                    f"sequence length must be divisible by 2*cp={2 * spec.cp}; pad the sequences to a multiple "
+                    f"of {2 * spec.cp} and pass this rank's part (mopc.shard_sequence)")
+            return
+
+
+def data_parallel_rank(model: nn.Module) -> tuple[int, int]:
+    """(index, count) of the batch this rank reads: ranks of one context-parallel group read
+    the same sequences (each keeps its chunks, `shard_sequence`); every other rank its own.
+
+        index, count = mopc.data_parallel_rank(model)
+        sampler = DistributedSampler(dataset, num_replicas=count, rank=index)
+    """
+    spec = _spec_of(model)
+    rank = dist.get_rank()
+    tp_rank, rest = rank % spec.tp, rank // spec.tp
+    return (rest // spec.cp) * spec.tp + tp_rank, spec.world_size // spec.cp
+
+
+def shard_sequence(batch: Any, model: nn.Module, dim: int = 1) -> Any:
+    """This rank's part of its context-parallel group's sequences: for every tensor of
+    `batch` (a tensor, or a tuple/list/dict of them) with a sequence on `dim`, the two
+    chunks (of 2·cp) this rank holds, an early and a late one. With cp=1, `batch` itself.
+
+    Cut token ids and labels (already shifted) alike: positions inside the model are
+    made global by the compiler, so the model sees the same sequence as on one device."""
+    from mopc.runtime.context_parallel import shard_sequence as cut
+
+    spec = _spec_of(model)
+    if spec.cp == 1:
+        return batch
+    cp_rank = (dist.get_rank() // spec.tp) % spec.cp
+    one = lambda t: cut(t, spec.cp, cp_rank, dim) if isinstance(t, torch.Tensor) and t.dim() > dim else t
+    if isinstance(batch, Mapping):
+        return {k: one(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(one(v) for v in batch)
+    return one(batch)
+
+
+def _spec_of(model: nn.Module) -> MeshSpec:
+    plan = plan_of(model)
+    if plan is None:
+        raise ValueError("this model was not parallelized; call mopc.parallelize(model, ...) first")
+    return plan.spec
 
 
 def _check_precision(config: MoPConfig) -> None:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import mopc
 import mopc.optim
 import mopc.runtime.compression
+import mopc.runtime.context_parallel
 from mopc.models import PRESETS, build_model, make_init_fn
 from mopc.models.moe_transformer import init_weights
 from mopc.runtime.ownership import full_parameters
@@ -116,13 +117,24 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         with torch.device("meta"):
             model.layers[0].attention.wo = torch.nn.Linear(config.dim, config.dim, bias=True)
     vocab = ref.config.vocab_size
-    global_batch = world * PER_RANK
+    # context parallelism: the cp ranks of a group read the same sequences, each its two chunks
+    cp, tp = options.get("cp", 1), options.get("tp", 1)
+    index, owners = (rank // (tp * cp)) * tp + rank % tp, world // cp
+    global_batch = owners * PER_RANK
+    cut = mopc.runtime.context_parallel.shard_sequence
 
     def mine(batch):
-        return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+        rows = {k: v[index * PER_RANK:(index + 1) * PER_RANK] for k, v in batch.items()}
+        return {k: cut(v, cp, (rank // tp) % cp) for k, v in rows.items()} if cp > 1 else rows
 
     model = mopc.parallelize(model, mine(synthetic_batch(0, global_batch, SEQ, vocab)),
                              init_fn=make_init_fn(model, 0), **options)
+    if mopc.data_parallel_rank(model) != (index, owners):
+        raise AssertionError(f"data_parallel_rank {mopc.data_parallel_rank(model)} != {(index, owners)}")
+    batch0 = synthetic_batch(0, global_batch, SEQ, vocab)
+    rows0 = {k: v[index * PER_RANK:(index + 1) * PER_RANK] for k, v in batch0.items()}
+    if any(not torch.equal(a, b) for a, b in zip(mine(batch0).values(), mopc.shard_sequence(rows0, model).values())):
+        raise AssertionError("mopc.shard_sequence cut the batch differently from the runtime's chunks")
     if skew:
         hot = 2 if skew is True else int(skew)
         _skew(ref, hot)

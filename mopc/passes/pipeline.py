@@ -58,6 +58,7 @@ PIPELINE: tuple[str, ...] = (
     "count_costs",      # analysis: flops and bytes per node, bytes the backward reads
     "annotate_roles",   # meta: roles and layers into node.meta for later passes and dumps
     "tensor_parallel",  # attention / dense MLP on local heads, tokens of the tp group
+    "context_parallel",  # attention over the cp group's keys/values; global positions
     "expert_parallel",  # routed experts on their owners; tokens travel by all-to-all
     "fuse_dispatch",    # codegen: token dispatch/combine as fused ops (Triton on CUDA)
     "vocab_parallel_loss",  # projection + cross-entropy on vocabulary shards
@@ -73,6 +74,7 @@ def _load_passes() -> None:
     import mopc.passes.analysis.roles  # noqa: F401
     import mopc.passes.rewrite.annotate_roles  # noqa: F401
     import mopc.passes.rewrite.compress_grads  # noqa: F401
+    import mopc.passes.rewrite.context_parallel  # noqa: F401
     import mopc.passes.rewrite.expert_parallel  # noqa: F401
     import mopc.passes.rewrite.fuse_dispatch  # noqa: F401
     import mopc.passes.rewrite.gather_params  # noqa: F401

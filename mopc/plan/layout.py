@@ -76,7 +76,9 @@ class Plan:
         by_kind: dict[str, list[str]] = {}
         for fqn, layout in self.layouts.items():
             by_kind.setdefault(layout.kind, []).append(fqn)
-        lines = [f"mesh: world {self.spec.world_size} = dp {self.spec.dp} x tp {self.spec.tp}"
+        mesh = (f"dp {self.spec.data_parallel} x cp {self.spec.cp} x tp {self.spec.tp}" if self.spec.cp > 1
+                else f"dp {self.spec.dp} x tp {self.spec.tp}")
+        lines = [f"mesh: world {self.spec.world_size} = {mesh}"
                  + (f"; experts: ep {self.spec.ep} x edp {self.spec.world_size // self.spec.ep}"
                     if self.spec.ep > 1 else "")]
         for kind, fqns in sorted(by_kind.items()):

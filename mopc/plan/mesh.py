@@ -1,7 +1,11 @@
-"""The device mesh of a run: world = dp × tp, validated before anything is allocated.
+"""The device mesh of a run: world = dp × cp × tp, validated before anything is allocated.
 
-Ranks are laid out row-major over `(dp, tp)`: the tensor-parallel rank varies fastest,
-so a tensor-parallel group is `tp` consecutive ranks (on GPUs, the ranks of one node).
+Ranks are laid out row-major over `(dp, cp, tp)`: the tensor-parallel rank varies fastest,
+so a tensor-parallel group is `tp` consecutive ranks (on GPUs, the ranks of one node), and
+a context-parallel group is `cp` ranks strided by `tp` (they hold chunks of the same
+sequences). Parameters not split by tensor parallelism are sharded over all
+`dp · cp` ranks of a tp rank (`MeshSpec.dp` counts those; `MeshSpec.data_parallel` the
+ranks holding different sequences).
 Experts have their own grid over the same ranks, `(edp, ep)`: an expert-parallel group is
 `ep` consecutive ranks (it may span data- and tensor-parallel ranks), and the
 expert-data-parallel group of a rank holds the ranks with the same experts.
@@ -23,12 +27,21 @@ log = logging.getLogger("mopc")
 
 @dataclass(frozen=True)
 class MeshSpec:
-    """Sizes of the mesh axes; `world_size == dp * tp`, and `ep` divides the world."""
+    """Sizes of the mesh axes; `world_size == dp * tp`, and `ep` divides the world.
+
+    `dp` is every rank with the same tensor-parallel rank (the ZeRO axis: data × context
+    parallel); `cp` divides it."""
 
     world_size: int
     dp: int
     tp: int
     ep: int = 1
+    cp: int = 1
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks (per tensor-parallel rank) that hold different sequences."""
+        return self.dp // self.cp
 
     @staticmethod
     def from_config(config: MoPConfig, world_size: int) -> MeshSpec:
@@ -39,11 +52,18 @@ class MeshSpec:
                 f"mop option tp={tp} does not divide the world size {world_size}; choose tp from "
                 f"{_divisors(world_size)} or launch a multiple of {tp} ranks"
             )
-        dp = config.dp if config.dp is not None else world_size // tp
-        if dp * tp != world_size:
+        cp = config.cp
+        if (world_size // tp) % cp:
             raise MoPConfigError(
-                f"mop options dp={dp} x tp={tp} = {dp * tp} ranks, but the world size is {world_size}; "
-                f"set dp={world_size // tp} (or leave dp unset) or launch {dp * tp} ranks"
+                f"mop option cp={cp} does not divide the world size {world_size} / tp={tp} = {world_size // tp}; "
+                f"choose cp from {_divisors(world_size // tp)} or launch a multiple of {tp * cp} ranks"
+            )
+        dp = config.dp if config.dp is not None else world_size // (tp * cp)
+        if dp * cp * tp != world_size:
+            shown = f"dp={dp} x cp={cp} x tp={tp}" if cp > 1 else f"dp={dp} x tp={tp}"
+            raise MoPConfigError(
+                f"mop options {shown} = {dp * cp * tp} ranks, but the world size is {world_size}; "
+                f"set dp={world_size // (tp * cp)} (or leave dp unset) or launch {dp * cp * tp} ranks"
             )
         ep = config.ep
         if world_size % ep:
@@ -51,7 +71,7 @@ class MeshSpec:
                 f"mop option ep={ep} does not divide the world size {world_size}; choose ep from "
                 f"{_divisors(world_size)} or launch a multiple of {ep} ranks"
             )
-        return MeshSpec(world_size=world_size, dp=dp, tp=tp, ep=ep)
+        return MeshSpec(world_size=world_size, dp=dp * cp, tp=tp, ep=ep, cp=cp)
 
 
 def _divisors(n: int) -> list[int]:
@@ -72,6 +92,8 @@ class Meshes:
     """`ep` consecutive ranks: the experts of a layer are split over them."""
     edp_group: str
     """The ranks holding the same experts as this one (world / ep of them, strided)."""
+    cp_group: str | None
+    """The `cp` ranks holding chunks of this rank's sequences (None when cp == 1)."""
     default_group: object  # the default process group these were made under
 
 
@@ -102,6 +124,11 @@ def build_meshes(spec: MeshSpec) -> Meshes:
         grid = init_device_mesh(device_type(), (spec.dp, spec.tp), mesh_dim_names=("dp", "tp"))
         experts = init_device_mesh(device_type(), (spec.world_size // spec.ep, spec.ep),
                                    mesh_dim_names=("edp", "ep"))
+        cp_group = None
+        if spec.cp > 1:
+            context = init_device_mesh(device_type(), (spec.data_parallel, spec.cp, spec.tp),
+                                       mesh_dim_names=("sdp", "cp", "tp"))
+            cp_group = context.get_group("cp").group_name
         _MESHES[key] = Meshes(
             spec=spec, world=world, grid=grid,
             world_group=world.get_group("world").group_name,
@@ -109,6 +136,7 @@ def build_meshes(spec: MeshSpec) -> Meshes:
             tp_group=grid.get_group("tp").group_name,
             ep_group=experts.get_group("ep").group_name,
             edp_group=experts.get_group("edp").group_name,
+            cp_group=cp_group,
             default_group=dist.group.WORLD,
         )
     return _MESHES[key]
@@ -137,11 +165,11 @@ def group_rank(name: str) -> int:
     return dist.get_rank(resolve_group(name))
 
 
-def find_meshes(world_group: str, tp: int, ep: int | None = None) -> Meshes | None:
-    """The meshes built for a world group and tensor-parallel (and expert-parallel) degree."""
+def find_meshes(world_group: str, tp: int, ep: int | None = None, cp: int | None = None) -> Meshes | None:
+    """The meshes built for a world group and tensor-parallel (and expert-, context-parallel) degree."""
     for meshes in _MESHES.values():
         if (meshes.world_group == world_group and meshes.spec.tp == tp and meshes.default_group is dist.group.WORLD
-                and (ep is None or meshes.spec.ep == ep)):
+                and (ep is None or meshes.spec.ep == ep) and (cp is None or meshes.spec.cp == cp)):
             return meshes
     return None
 
