@@ -37,10 +37,12 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 # and `grad_compression=skip_idle` (exact) reduces only the used experts' gradients.
 # `offload=auto` with a budget nothing meets takes every candidate's cheaper action on the
 # H100 roofline (mostly recompute, the rest offload); `host_adamw` is mopc.optim.HostAdamW.
+# `cp` (context parallelism): the ranks of a cp group share `per_rank` sequences, each
+# holding two chunks of every one (cp=4: 4 of the 16 tokens).
 CASES = [
     (2, "tp=1,loss_chunk_tokens=16,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
-        "ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts,host_adamw=True,optimizer_offload=True", 2),
-    (4, "ep=4,skew=True,topk=3,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;"
+        "cp=2,ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts,host_adamw=True,optimizer_offload=True", 2),
+    (4, "cp=4,ep=4,skew=True,topk=3,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;"
         "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle,"
         "offload=experts,offload_prefetch=2,host_adamw=True,optimizer_offload=True", 1),
 ]
@@ -71,7 +73,9 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank)
         assert r["state_dict_local_numel"] * 4 == r["per_rank_bytes"][0]["params"] + 16 * 4
         forward = _dump_text(out, index, "forward")
         assert "by=gather_params" in forward and "by=vocab_parallel_loss" in forward
-        if r["options"].get("tp") == 2:
+        if r["options"].get("cp", 1) > 1:
+            _check_context_parallel(r, forward, _dump_text(out, index, "backward"), per_rank)
+        if r["options"].get("tp") == 2 and r["options"].get("cp", 1) == 1:
             assert "by=tensor_parallel" in forward
             # attention on the tp group's 2 x per_rank sequences and 8 / 2 = 4 local heads; with a
             # biased output projection, layer 0 falls back to its own sequences and all 8 heads
@@ -100,6 +104,20 @@ def test_mop_trains_like_single_device_eager(tmp_path, world, configs, per_rank)
             assert "= mopc.compressed_reduce_grad(" in _dump_text(out, index, "backward"), name
             stats = r["compression"]  # idle experts sent nothing: fewer bytes than reduce-scatters
             assert 0 < stats["bytes_sent"] < stats["bytes_uncompressed"] and stats["residual_norm"] == 0, stats
+
+
+def _check_context_parallel(r: dict, forward: str, backward: str, per_rank: int) -> None:
+    """Attention runs on the cp group's gathered keys and values, forward and backward, and
+    the positions the rotary tables are built from are this rank's global ones."""
+    cp, tp = r["options"]["cp"], r["options"].get("tp", 1)
+    assert forward.count("= mopc.cp_attention(") == 3 and "flash_attention_for_cpu(" not in forward, r["options"]
+    assert backward.count("= mopc.cp_attention_backward(") == 3, r["options"]
+    local = 16 // cp  # tokens of each sequence on this rank (rank 0: chunks 0 and 2·cp - 1)
+    chunk = local // 2
+    assert f"aten.arange(0, {chunk}," in forward and f"aten.arange({16 - chunk}, 16," in forward, r["options"]
+    gathered = f"f32[{cp * tp * per_rank}, {local}, {4 // tp}, 8] = _c10d_functional.all_gather_into_tensor("
+    assert forward.count(gathered) == 6 and backward.count(gathered) == 6, (r["options"], "K and V, per layer")
+    assert backward.count("_c10d_functional.reduce_scatter_tensor(") >= 6, r["options"]
 
 
 def _check_expert_parallel(r: dict, name: str, forward: str) -> None:
@@ -135,3 +153,17 @@ def test_expert_parallel_world8(tmp_path):
         for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
             assert abs(ours - ref) <= 1e-5 * abs(ref), (r["losses"], r["ref_losses"])
         assert r["first_step_grad_rel_diff"] <= 1e-5 and r["param_diff"] <= 1e-5
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.large
+def test_context_parallel_world4(tmp_path):
+    """cp 4, cp 2 x ep 2 and cp 2 x tp 2 over 4 ranks, 3 steps (run with -m large)."""
+    results = _torchrun(4, "cp=4;cp=2,ep=2;cp=2,tp=2", tmp_path / "parity.json", 2, steps=3)
+    for index, r in enumerate(results):
+        for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
+            assert abs(ours - ref) <= 1e-5 * abs(ref), (r["options"], r["losses"], r["ref_losses"])
+        assert r["first_step_grad_rel_diff"] <= 1e-5 and r["param_diff"] <= 1e-5, r["options"]
+        _check_context_parallel(r, _dump_text(tmp_path / "parity.json", index, "forward"),
+                                _dump_text(tmp_path / "parity.json", index, "backward"), 2)
