@@ -155,8 +155,17 @@ def _flag_kwargs(name: str, hint: Any) -> dict[str, Any]:
     raise TypeError(f"MoPConfig.{name}: cannot make a flag for {hint}")
 
 
-def add_mop_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per `MoPConfig` field (`--foo-bar` for `foo_bar`); unset flags stay unset."""
+_TRAIN_HELP = {
+    "cp": "In mopc train: the cp ranks of a group read the same sequences of the global batch "
+          "(--batch must be a multiple of W / cp), each holds [batch / (W / cp), seq_len / cp] tokens, and "
+          "--seq-len must be divisible by 2*cp.",
+}
+"""What a MoPConfig flag means for `mopc train`, appended to its generated help."""
+
+
+def add_mop_options(parser: argparse.ArgumentParser, extra_help: dict[str, str] | None = None) -> None:
+    """One flag per `MoPConfig` field (`--foo-bar` for `foo_bar`); unset flags stay unset.
+    `extra_help`: more help text for some fields, by field name."""
     from mopc.config import MoPConfig
 
     group = parser.add_argument_group("mop options (fields of mopc.MoPConfig; only the ones given are passed)")
@@ -168,6 +177,8 @@ def add_mop_options(parser: argparse.ArgumentParser) -> None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{docs.get(f.name, '')} (default: {default!r})".strip()
+        if extra_help and f.name in extra_help:
+            help_text += ". " + extra_help[f.name].replace("%", "%%")
         group.add_argument("--" + f.name.replace("_", "-"), dest=_MOP_DEST + f.name, default=argparse.SUPPRESS,
                            help=help_text, **_flag_kwargs(f.name, hints[f.name]))
 
@@ -249,6 +260,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"\nmopc train: {settings.model}, {settings.program} (runs as {report['config']['runs_as']}), "
               f"{report['world_size']} rank(s), global batch [{settings.batch}, {settings.seq_len}]"
               + (f", routing skewed to experts 0..{settings.skew_experts - 1}" if settings.skew_experts else ""))
+        layout = report["layout"]
+        print(f"layout dp {layout['dp']} x cp {layout['cp']} x tp {layout['tp']}, ep {layout['ep']}; "
+              f"each rank holds [{', '.join(map(str, report['rank_batch_shape']))}] tokens"
+              + (f" (two of the {2 * layout['cp']} chunks of each sequence)" if layout["cp"] > 1 else ""))
         print(format_table(report))
         dump_dir = settings.mop_options.get("dump_dir")
         if dump_dir and settings.program == "mop":
@@ -275,7 +290,9 @@ def _add_train_parser(sub: Any) -> None:
                    help="compile the baseline with backend='aot_eager' (default) or run it eagerly")
     p.add_argument("--steps", type=_positive, default=10)
     p.add_argument("--batch", type=_positive, default=4,
-                   help="global batch; each of W ranks takes batch // W rows (must divide)")
+                   help="global batch; each of W ranks takes batch // W rows (must divide); with --cp C, each "
+                        "group of C ranks takes batch // (W // C) rows and each of its ranks two of the 2*C "
+                        "chunks of every sequence")
     p.add_argument("--seq-len", type=_positive, default=None,
                    help="tokens per sequence (default: 128, or the model's max_seq_len when smaller)")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -298,7 +315,7 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--memory-timeline", default=None, metavar="PATH",
                    help="write each rank's memory by category over the last step to PATH.json and PATH.png "
                         "(the plot needs matplotlib)")
-    add_mop_options(p)
+    add_mop_options(p, _TRAIN_HELP)
     p.set_defaults(fn=cmd_train)
 
 

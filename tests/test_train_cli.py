@@ -8,6 +8,7 @@ import json
 import typing
 
 import pytest
+import torch
 
 from mopc.cli import build_parser, main, mop_options
 from mopc.config import MoPConfig
@@ -88,6 +89,67 @@ def test_settings_errors_name_the_fix():
     with pytest.raises(TrainSettingsError, match=r"tp=3 does not divide the world size 4"):
         TrainSettings(model="tiny", seq_len=16, batch=4, mop_options={"tp": 3}).validate(4)
     TrainSettings(baseline="fsdp2", batch=4, seq_len=16).validate(4)
+
+
+def test_context_parallel_settings_errors_name_flag_value_and_fix():
+    """`--cp` is checked before torchrun starts a rank: mop only, a divisor of W / tp, a
+    sequence length cut into 2*cp chunks and a global batch split over W / cp readers."""
+    tiny = {"model": "tiny", "seq_len": 16}
+    with pytest.raises(TrainSettingsError, match=r"--cp 2 is mop's context parallelism; --baseline fsdp2 reads "
+                                                 r"whole sequences\. Drop --cp for fsdp2"):
+        TrainSettings(baseline="fsdp2", batch=4, mop_options={"cp": 2}, **tiny).validate(4)
+    with pytest.raises(TrainSettingsError, match=r"--cp 2 is mop's context parallelism; --backend eager"):
+        TrainSettings(backend="eager", batch=4, mop_options={"cp": 2}, **tiny).validate(1)
+    with pytest.raises(TrainSettingsError, match=r"--cp 3 does not divide the world size 4 / --tp 1 = 4 .* "
+                                                 r"use --cp from \[1, 2, 4\]"):
+        TrainSettings(batch=4, mop_options={"cp": 3}, **tiny).validate(4)
+    with pytest.raises(TrainSettingsError, match=r"--cp 4 does not divide the world size 4 / --tp 2 = 2"):
+        TrainSettings(batch=4, mop_options={"cp": 4, "tp": 2}, **tiny).validate(4)
+    with pytest.raises(TrainSettingsError, match=r"--seq-len 20 is not divisible by 2 x --cp 4 = 8: .* "
+                                                 r"use --seq-len 16 or 24"):
+        TrainSettings(model="tiny", seq_len=20, batch=4, mop_options={"cp": 4}).validate(4)
+    with pytest.raises(TrainSettingsError, match=r"--batch 3 .* multiple of world size 4 / --cp 2 = 2 .* "
+                                                 r"use e\.g\. --batch 2"):
+        TrainSettings(batch=3, mop_options={"cp": 2}, **tiny).validate(4)
+    TrainSettings(batch=1, mop_options={"cp": 4}, **tiny).validate(4)  # one sequence for the one cp group
+    TrainSettings(batch=4, mop_options={"cp": 2, "tp": 2}, **tiny).validate(8)  # tp ranks read their own rows
+    with pytest.raises(SystemExit, match=r"mopc train: --seq-len 18 is not divisible by 2 x --cp 2 = 4"):
+        main(["train", "--nproc", "2", "--cp", "2", "--seq-len", "18", "--batch", "2"])  # no rank started
+
+
+def test_rank_batch_under_context_parallelism_reassembles_the_global_batch():
+    """Ranks (tp fastest, then cp) of one cp group read the same rows; their chunks, put back
+    in global order, are those rows; the data-parallel slices tile the global batch."""
+    from mopc.runtime.context_parallel import sequence_chunk_ids
+    from mopc.runtime.trainer import data_part, rank_batch, synthetic_batch
+
+    world, cp, tp, batch, seq = 8, 2, 2, 4, 16
+    full = synthetic_batch(3, batch, seq, 128, 7)["input_ids"]
+    rows = {}
+    for rank in range(world):
+        part = data_part(rank, world, cp, tp)
+        mine = rank_batch(3, batch, seq, 128, 7, rank, world, cp=cp, tp=tp)["input_ids"]
+        assert mine.shape == (batch // (world // cp), seq // cp)
+        early, late = mine.chunk(2, dim=1)
+        for g, piece in zip(sequence_chunk_ids(cp, part.cp_rank), (early, late), strict=True):
+            rows.setdefault(part.index, {})[g] = piece
+    assert sorted(rows) == list(range(world // cp))
+    rebuilt = torch.cat([torch.cat([chunks[g] for g in range(2 * cp)], dim=1) for _, chunks in sorted(rows.items())])
+    assert torch.equal(rebuilt, full)
+
+
+@pytest.mark.multiprocess
+def test_context_parallel_two_ranks_matches_eager(tmp_path, monkeypatch):
+    """`mopc train --nproc 2 --cp 2`: one sequence group, each rank two of the four chunks of
+    both sequences; the losses are the global batch's, as on one device."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = ["--model", "tiny", "--steps", "2", "--batch", "2", "--seq-len", "16", "--quiet"]
+    assert main(["train", "--backend", "eager", "--json", str(tmp_path / "eager.json"), *common]) == 0
+    assert main(["train", "--nproc", "2", "--cp", "2", "--json", str(tmp_path / "cp.json"), *common]) == 0
+    eager, cp = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "cp"))
+    assert cp["layout"] == {"dp": 1, "cp": 2, "tp": 1, "ep": 1} and cp["rank_batch_shape"] == [2, 8]
+    assert eager["layout"]["cp"] == 1 and eager["rank_batch_shape"] == [2, 16]
+    assert cp["losses"] == pytest.approx(eager["losses"], rel=1e-5)
 
 
 @pytest.mark.multiprocess

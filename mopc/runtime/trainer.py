@@ -9,7 +9,11 @@ Programs (`TrainSettings.program`):
 Data: `--batch` is the *global* batch. Every rank draws the same global batch for a step
 and takes its slice of `batch // world` rows, so the mean of the rank losses is the
 loss of the whole batch and runs at different world sizes (and the eager reference)
-can be compared step by step. The data is learnable on purpose (arithmetic token
+can be compared step by step. Under context parallelism (`--cp C`) the C ranks of a
+context-parallel group read the same rows (`batch // (world // C)` of them, the slice of
+`mopc.data_parallel_rank`) and each keeps its two chunks of every sequence
+(`mopc.shard_sequence`): a rank holds `[batch // (world // C), seq_len // C]` tokens, all
+ranks hold equally many, so the mean of the rank losses is still the whole batch's. The data is learnable on purpose (arithmetic token
 sequences over the first 256 tokens: each starts at a random token and steps by a random
 stride), so the loss visibly falls within a few steps.
 
@@ -55,9 +59,11 @@ from mopc.runtime.memory import MemoryTracker
 log = logging.getLogger("mopc")
 
 __all__ = [
+    "DataPart",
     "Progress",
     "TrainSettings",
     "TrainSettingsError",
+    "data_part",
     "format_table",
     "rank_batch",
     "run_training",
@@ -82,12 +88,40 @@ def synthetic_batch(step: int, batch: int, seq_len: int, vocab: int, seed: int =
     return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
+@dataclass(frozen=True)
+class DataPart:
+    """Which part of every global batch a rank reads."""
+
+    index: int
+    """Which slice of rows (`mopc.data_parallel_rank`'s index)."""
+    count: int
+    """Ranks reading different rows: world // cp."""
+    cp: int = 1
+    cp_rank: int = 0
+    """Which two of the 2·cp chunks of each sequence the rank keeps (cp > 1)."""
+
+
+def data_part(rank: int, world: int, cp: int = 1, tp: int = 1) -> DataPart:
+    """The part of the data `rank` reads on the mesh (dp, cp, tp), tp fastest: the cp ranks
+    of a group share rows; the arithmetic of `mopc.data_parallel_rank`, usable before
+    `mopc.parallelize` (whose example inputs must already be the rank's part)."""
+    tp_rank, rest = rank % tp, rank // tp
+    return DataPart(index=(rest // cp) * tp + tp_rank, count=world // cp, cp=cp, cp_rank=rest % cp)
+
+
 def rank_batch(step: int, batch: int, seq_len: int, vocab: int, seed: int, rank: int,
-               world: int) -> dict[str, torch.Tensor]:
-    """This rank's rows (`batch // world` of them) of global batch `step`."""
-    rows = batch // world
+               world: int, *, cp: int = 1, tp: int = 1) -> dict[str, torch.Tensor]:
+    """This rank's part of global batch `step`: `batch // (world // cp)` rows and, under
+    context parallelism, of each of their sequences the two chunks (of 2·cp) it holds."""
+    from mopc.runtime.context_parallel import shard_sequence
+
+    part = data_part(rank, world, cp, tp)
+    rows = batch // part.count
     full = synthetic_batch(step, batch, seq_len, vocab, seed)
-    return {k: v[rank * rows:(rank + 1) * rows].contiguous() for k, v in full.items()}
+    mine = {k: v[part.index * rows:(part.index + 1) * rows] for k, v in full.items()}
+    if cp > 1:
+        mine = {k: shard_sequence(v, cp, part.cp_rank) for k, v in mine.items()}
+    return {k: v.contiguous() for k, v in mine.items()}
 
 
 class Progress:
@@ -124,7 +158,8 @@ class TrainSettings:
     steps: int = 10
     seed: int = 0
     batch: int = 4
-    """Global batch: each of the W ranks takes `batch // W` rows of it."""
+    """Global batch: each of the W ranks takes `batch // W` rows of it (with `cp` in
+    `mop_options`, each cp group `batch // (W // cp)` rows, cut along the sequence)."""
     seq_len: int = 128
     lr: float = 3e-3
     backend: str = "mop"
@@ -154,16 +189,21 @@ class TrainSettings:
     def program(self) -> str:
         return self.baseline or self.backend
 
+    @property
+    def cp(self) -> int:
+        """The context-parallel degree (1 unless `--cp` was given)."""
+        return self.mop_options.get("cp", 1)
+
+    @property
+    def tp(self) -> int:
+        return self.mop_options.get("tp", 1)
+
     def validate(self, world: int) -> None:
-        """Errors name the flag and what to change."""
+        """Errors name the flag and what to change. Runs before any allocation or collective."""
         if self.steps < 1:
             raise TrainSettingsError(f"--steps {self.steps}: train at least one step")
-        if self.batch < 1 or self.batch % world:
-            raise TrainSettingsError(
-                f"--batch {self.batch} is the global batch and must be a positive multiple of the "
-                f"world size {world} (each rank takes batch // world rows); use e.g. --batch "
-                f"{max(world, self.batch - self.batch % world or world)}"
-            )
+        self._validate_context_parallel(world)
+        self._validate_batch(world)
         if self.backend not in ("mop", "eager"):
             raise TrainSettingsError(f"--backend {self.backend!r}: choose mop or eager")
         if self.baseline is not None and self.baseline not in ("fsdp2", "ddp"):
@@ -206,6 +246,52 @@ class TrainSettings:
                 raise TrainSettingsError(str(err)) from None
 
 
+    def _validate_context_parallel(self, world: int) -> None:
+        """`--cp`: mop only, dividing the ranks per tensor-parallel rank, and a sequence
+        length that cuts into 2·cp equal chunks."""
+        cp, tp = self.cp, self.tp
+        if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+            raise TrainSettingsError(f"--cp {cp!r}: the context-parallel degree is a positive integer; use --cp 1 "
+                                     "(off) or a divisor of the world size")
+        if cp == 1:
+            return
+        if self.program != "mop":
+            raise TrainSettingsError(
+                f"--cp {cp} is mop's context parallelism; --{'baseline' if self.baseline else 'backend'} "
+                f"{self.program} reads whole sequences. Drop --cp for {self.program} (the same --batch "
+                f"{self.batch} and --seq-len {self.seq_len} are the same global batch to compare against)")
+        if isinstance(tp, int) and tp >= 1 and world % tp == 0 and (world // tp) % cp:
+            per_tp = world // tp
+            choices = [d for d in range(1, per_tp + 1) if per_tp % d == 0]
+            raise TrainSettingsError(
+                f"--cp {cp} does not divide the world size {world} / --tp {tp} = {per_tp} (a context-parallel "
+                f"group is cp ranks of the same tensor-parallel rank); use --cp from {choices}, or --nproc "
+                f"{tp * cp * max(1, per_tp // cp)}")
+        if self.seq_len % (2 * cp):
+            down = self.seq_len // (2 * cp) * (2 * cp)
+            fix = f"--seq-len {down} or {down + 2 * cp}" if down else f"--seq-len {2 * cp}"
+            raise TrainSettingsError(
+                f"--seq-len {self.seq_len} is not divisible by 2 x --cp {cp} = {2 * cp}: every sequence is cut "
+                f"into 2*cp equal chunks and each rank of a context-parallel group holds two; use {fix}")
+
+    def data_ranks(self, world: int) -> int:
+        """Ranks that read different sequences: the world size, divided by `cp` when it divides."""
+        return world // self.cp if self.program == "mop" and world % self.cp == 0 else world
+
+    def _validate_batch(self, world: int) -> None:
+        readers = self.data_ranks(world)
+        if self.batch >= 1 and self.batch % readers == 0:
+            return
+        fix = max(readers, self.batch - self.batch % readers or readers)
+        if readers == world:
+            raise TrainSettingsError(
+                f"--batch {self.batch} is the global batch and must be a positive multiple of the "
+                f"world size {world} (each rank takes batch // world rows); use e.g. --batch {fix}")
+        raise TrainSettingsError(
+            f"--batch {self.batch} is the global batch and must be a positive multiple of world size {world} "
+            f"/ --cp {self.cp} = {readers} (the cp ranks of a group read the same sequences, each its chunks; "
+            f"every group takes batch // {readers} of them); use e.g. --batch {fix}")
+
     def _validate_checkpointing(self) -> None:
         if self.save_every and not self.save_dir:
             raise TrainSettingsError(f"--save-every {self.save_every} needs --save DIR (where to write)")
@@ -236,6 +322,10 @@ class Program:
     step_fn: Callable[..., torch.Tensor]
     runs_as: str
     """How the step runs: `mop`, `aot_eager` (compiled baseline) or `eager`."""
+    batch_fn: Callable[[int], dict[str, torch.Tensor]]
+    """Step number -> this rank's part of that global batch."""
+    layout: dict[str, int]
+    """The mesh the step runs on: data-parallel readers (`dp`), `cp`, `tp`, `ep`."""
     build_seconds: float = 0.0
 
 
@@ -284,19 +374,48 @@ def skew_routing(model: nn.Module, num_favoured: int) -> int:
     return len(routers)
 
 
+def _whole_rows(settings: TrainSettings, rank: int, world: int, vocab: int) -> Callable[[int], dict[str, torch.Tensor]]:
+    return lambda step: rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank, world)
+
+
+def _mop_batches(settings: TrainSettings, model: nn.Module, vocab: int) -> Callable[[int], dict[str, torch.Tensor]]:
+    """This rank's part of each global batch, as the parallelized model says: its data-parallel
+    slice of rows (`mopc.data_parallel_rank`), cut along the sequence (`mopc.shard_sequence`)."""
+    import mopc
+
+    index, count = mopc.data_parallel_rank(model)
+    rows = settings.batch // count
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        full = synthetic_batch(step, settings.batch, settings.seq_len, vocab, settings.seed)
+        mine = {k: v[index * rows:(index + 1) * rows] for k, v in full.items()}
+        return {k: v.contiguous() for k, v in mopc.shard_sequence(mine, model).items()}
+
+    return batch
+
+
 def _build_mop(settings: TrainSettings, rank: int, world: int) -> Program:
     import mopc
     from mopc.models import build_model, make_init_fn
 
     model = build_model(_model_config(settings), device="meta", seed=settings.seed)
-    example = rank_batch(0, settings.batch, settings.seq_len, model.config.vocab_size, settings.seed,
-                         rank, world)
+    vocab = model.config.vocab_size
+    # parallelize's example inputs are already this rank's part: cut by the mesh arithmetic
+    example = rank_batch(0, settings.batch, settings.seq_len, vocab, settings.seed, rank, world,
+                         cp=settings.cp, tp=settings.tp)
     layout = {k: v for k, v in settings.mop_options.items() if k != "dump_dir"}
     model = mopc.parallelize(model, example, init_fn=make_init_fn(model, settings.seed), **layout)
+    batches = _mop_batches(settings, model, vocab)
+    if any(not torch.equal(a, b) for a, b in zip(example.values(), batches(0).values(), strict=True)):
+        raise RuntimeError(f"mopc train: rank {rank}'s example batch (data part "
+                           f"{data_part(rank, world, settings.cp, settings.tp)}) differs from the part "
+                           f"mopc.data_parallel_rank / mopc.shard_sequence give: the mesh layout changed")
     if settings.skew_experts:  # buffers are plain, materialised tensors after parallelize
         skew_routing(model, settings.skew_experts)
     compiled = torch.compile(model, backend="mop", options=_mop_compile_options(settings, rank))
-    return Program(module=model, step_fn=compiled, runs_as="mop")
+    spec = mopc.plan_of(model).spec
+    return Program(module=model, step_fn=compiled, runs_as="mop", batch_fn=batches,
+                   layout={"dp": spec.data_parallel, "cp": spec.cp, "tp": spec.tp, "ep": spec.ep})
 
 
 def build_program(settings: TrainSettings, rank: int, world: int) -> Program:
@@ -311,11 +430,13 @@ def build_program(settings: TrainSettings, rank: int, world: int) -> Program:
         model = build_model(_model_config(settings), device="cpu", seed=settings.seed)
         if settings.skew_experts:
             skew_routing(model, settings.skew_experts)
+        batches = _whole_rows(settings, rank, world, model.config.vocab_size)
+        layout = {"dp": world, "cp": 1, "tp": 1, "ep": 1}
         if settings.program == "eager":
-            program = Program(module=model, step_fn=model, runs_as="eager")
+            program = Program(module=model, step_fn=model, runs_as="eager", batch_fn=batches, layout=layout)
         else:
             module, step_fn, runs_as = wrap_baseline(model, settings.program, compile=settings.compile_baseline)
-            program = Program(module=module, step_fn=step_fn, runs_as=runs_as)
+            program = Program(module=module, step_fn=step_fn, runs_as=runs_as, batch_fn=batches, layout=layout)
     program.build_seconds = time.perf_counter() - start
     return program
 
@@ -361,7 +482,7 @@ def _save(settings: TrainSettings, program: Program, optimizer: torch.optim.Opti
 
 
 def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.optim.Optimizer,
-                 tracker: MemoryTracker, rank: int, world: int, vocab: int, start: int = 0) -> list[_StepRecord]:
+                 tracker: MemoryTracker, rank: int, world: int, start: int = 0) -> list[_StepRecord]:
     bar = Progress(settings.steps, f"train {settings.model} ({program.runs_as}, {world} rank"
                    f"{'s' if world > 1 else ''})") if rank == 0 and not settings.quiet else None
     from mopc.runtime.compression import compression_stats, reset_compression_state
@@ -370,7 +491,7 @@ def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.opt
     counter = CommCounter(mesh_axes())
     records = []
     for step in range(start, settings.steps):
-        data = rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank, world)
+        data = program.batch_fn(step)
         compressed = compression_stats()
         counter.mark()
         start = time.perf_counter()
@@ -430,13 +551,12 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     program = build_program(settings, rank, world)
     optimizer = make_optimizer(settings, program.module)
     tracker = MemoryTracker(program.module, optimizer, rank=rank, timeline=bool(settings.memory_timeline))
-    vocab = _vocab_size(program.module)
     start = 0
     if settings.resume:
         from mopc.checkpoint import load
 
         start = load(settings.resume, program.module, optimizer)
-    records = _train_steps(settings, program, optimizer, tracker, rank, world, vocab, start)
+    records = _train_steps(settings, program, optimizer, tracker, rank, world, start)
 
     timeline_files = _write_timeline(settings, tracker, rank, world) if settings.memory_timeline else []
     per_rank = _gather({"memory": tracker.report(),
@@ -454,6 +574,8 @@ def _run(settings: TrainSettings, rank: int, world: int) -> dict[str, Any]:
     return {
         "config": {**asdict(settings), "program": settings.program, "runs_as": program.runs_as},
         "world_size": world,
+        "layout": program.layout,
+        "rank_batch_shape": [settings.batch // settings.data_ranks(world), settings.seq_len // program.layout["cp"]],
         "start_step": start,
         "memory_timeline_files": _gather(timeline_files, world)[0],
         "losses": [r.loss for r in records],
@@ -549,11 +671,6 @@ def _expert_load(settings: TrainSettings) -> dict[str, dict] | None:
 
     stats = expert_load_stats()
     return {str(layer): value for layer, value in stats.items()} or None
-
-
-def _vocab_size(module: nn.Module) -> int:
-    inner = getattr(module, "module", module)  # DDP wraps the model
-    return inner.config.vocab_size
 
 
 # ---------------------------------------------------------------------------- output
