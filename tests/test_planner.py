@@ -117,10 +117,12 @@ def test_routing_skew_percentile():
 
 
 def test_projections_are_flagged_and_never_runnable():
-    c = Candidate(world=8, pp=2, dtype="bf16", offload_optimizer=True, recompute="full")
+    c = Candidate(world=8, pp=2, cp=2, dtype="bf16", offload_optimizer=True, recompute="full")
     assert not c.runnable
-    assert set(c.missing) == {"bf16 mixed precision", "pipeline parallelism", "full activation recompute"}
+    assert set(c.missing) == {"pipeline parallelism", "full activation recompute"}
     assert Candidate(world=8, tp=2, ep=4).runnable
+    # mopc.parallelize(cp=..., param_dtype="bf16")
+    assert Candidate(world=8, tp=2, ep=4, cp=2, dtype="bf16").runnable
     # mopc train --offload experts / --optimizer-offload
     assert Candidate(world=8, tp=2, ep=4, offload_activations=True, offload_optimizer=True).runnable
 
@@ -219,9 +221,10 @@ def test_search_at_scale_with_given_probes(world, monkeypatch):
     result = search.plan("tiny", gpus=world, gpu="h100", seq_len=64)
     chosen = result.chosen
     assert chosen is not None and chosen.fits and chosen.candidate.runnable
-    assert chosen.candidate.tp * chosen.candidate.dp == world
+    assert chosen.candidate.tp * chosen.candidate.cp * chosen.candidate.dp == world
     fitting = [e for e in result.candidates if e.candidate.runnable and e.fits]
-    assert chosen.step_time_s == min(e.step_time_s for e in fitting)
+    # one sequence per cp group: candidates step over different batches, so throughput decides
+    assert chosen.tokens_per_s_per_gpu == max(e.tokens_per_s_per_gpu for e in fitting)
     assert PRESETS["tiny"].num_experts % chosen.candidate.ep == 0
     out = result.to_json()
     assert {"dp", "tp", "ep", "pp", "peak_bytes_per_rank", "step_time_s", "fits"} <= set(out["chosen"])
@@ -276,3 +279,108 @@ def test_fsdp2_gathers_whole_expert_layers():
     probes = ProbeSet(base=_probe(1, 1), split=_probe(1, 4))
     fsdp = fsdp2_estimate(info, probes, hardware("h100"), world=4, global_batch=4, seq_len=64, variant="fp32")
     assert fsdp.params == layout_bytes(info, 4, 1, 1, False).param_bytes
+
+
+def test_cp_candidates_obey_the_mesh_and_sequence_constraints(monkeypatch):
+    """cp divides world / tp (MeshSpec.from_config) and 2*cp divides the sequence length; the
+    search offers cp > 1 as runnable layouts, in fp32 and bf16."""
+    from mopc.config import MoPConfig
+    from mopc.plan.mesh import MeshSpec
+    from mopc.planner import search
+
+    assert search.context_parallel_degrees(96, 8, 1 << 20) == [1, 2, 4]  # 12 = world / tp; 2^20 has no factor 3
+    assert search.context_parallel_degrees(12, 1, 36) == [1, 2, 3, 6]
+    assert search.context_parallel_degrees(8, 1, 64, global_batch=2) == [1, 4, 8]  # a sequence per cp group
+    monkeypatch.setattr(search, "probes_for", lambda config, tp, ep, vp=True: ProbeSet(base=_probe(1, 1),
+                                                                                       split=_probe(tp, ep)))
+    monkeypatch.setattr(search, "model_info", lambda config, probes: _info(config))
+    result = search.plan("tiny", gpus=8, gpu="h100", seq_len=24, projections=False)
+    runnable = [e.candidate for e in result.candidates]
+    assert all(c.runnable for c in runnable)
+    assert {c.cp for c in runnable} == {1, 2, 4}  # cp=8 divides the world but 24 % 16 != 0
+    assert {c.cp for c in runnable if c.tp == 4} == {1, 2}  # cp divides world / tp = 2
+    assert {c.dtype for c in runnable} == {"fp32", "bf16"}
+    for c in runnable:
+        assert 24 % (2 * c.cp) == 0 and c.dp * c.cp * c.tp == 8
+        MeshSpec.from_config(MoPConfig(tp=c.tp, ep=c.ep, cp=c.cp), 8)  # what mopc.parallelize accepts
+
+
+def test_cp_collective_bytes_are_the_rewrites():
+    """Per layer: K, V all-gathered in forward and again in backward, dK, dV reduce-scattered:
+    6 (cp-1) x local K bytes. tiny at world 2, cp 2, 32 local tokens, fp32: a probe of the
+    compiled program (`run_probe(..., options={"cp": 2})`) sent 16384 B in all-gathers and
+    8192 B in reduce-scatters per layer (4 kv heads x 8 channels x 4 B x 32 tokens = 4096 B of K)."""
+    from mopc.planner.estimate import cp_comm_bytes
+
+    cfg = PRESETS["tiny"]
+    assert cp_comm_bytes(cfg, Candidate(world=2, cp=2), tokens=32, num_layers=1) == 16384 + 8192
+    assert cp_comm_bytes(cfg, Candidate(world=2), tokens=32, num_layers=1) == 0
+    two, four = (cp_comm_bytes(cfg, Candidate(world=8, cp=c), tokens=64, num_layers=3) for c in (2, 4))
+    assert four == 3 * two  # (cp - 1) at the same local tokens
+    assert cp_comm_bytes(cfg, Candidate(world=8, cp=2, dtype="bf16"), tokens=64, num_layers=3) == two / 2
+    assert cp_comm_bytes(cfg, Candidate(world=8, cp=2, tp=2), tokens=64, num_layers=3) == two / 2  # kv heads / tp
+    # in the estimate: every layer (1 dense + 2 MoE), all tokens of the rank
+    info = _info()
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(1, 1))
+    est = estimate(info, probes, hardware("cpu"), Candidate(world=4, cp=2), global_batch=2, seq_len=64)
+    assert est.tokens_per_rank == 32
+    assert est.comm_by_axis["cp"] == 3 * (16384 + 8192)
+
+
+def test_cp_keeps_per_token_activations_and_adds_attention_buffers():
+    """Under cp a rank saves what cp=1 saves per local token (a cp=2 probe of tiny saves the
+    same bytes per token as cp=1); attention's gathered K/V, prefix copies and fp32 dK/dV
+    accumulators are transient, of the whole sequence."""
+    from mopc.planner.estimate import cp_attention_transient
+
+    info = _info()
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(1, 1))
+    hw = hardware("cpu")
+    plain = estimate(info, probes, hw, Candidate(world=4), global_batch=4, seq_len=32)
+    cp = estimate(info, probes, hw, Candidate(world=4, cp=2), global_batch=2, seq_len=64)
+    assert cp.tokens_per_rank == plain.tokens_per_rank == 32
+    assert cp.activations == plain.activations
+    cfg = PRESETS["tiny"]  # K of one 64-token sequence: 64 x 4 heads x 8 channels = 2048 elements
+    c = Candidate(world=4, cp=2)
+    forward = 2048 * 4 * 2 * (1 + 3 / 4)  # K, V whole + the 3-of-4-chunk prefix copies
+    backward = 2048 * (2 * 4 + 2 * 4 + max(4 * 4 * 3 / 4, 4 + 2 * 4))  # K, V + fp32 dK, dV + prefix and pieces
+    assert cp_attention_transient(cfg, c, 1, 64) == max(forward, backward) == 2048 * 28
+    assert cp_attention_transient(cfg, Candidate(world=4), 1, 64) == 0
+    assert cp_attention_transient(cfg, c, 2, 128) == 4 * cp_attention_transient(cfg, c, 1, 64)
+    # in place of the largest token buffer (at tp 1, ep 1: the 32 x 64 fp32 hidden states)
+    assert cp.transient - plain.transient == cp_attention_transient(cfg, c, 1, 64) - 32 * 64 * 4
+    bf16 = cp_attention_transient(cfg, Candidate(world=4, cp=2, dtype="bf16"), 1, 64)
+    assert bf16 == 2048 * (2 * 2 + 8 + max(4 * 2 * 3 / 4, 4 + 2 * 2))  # the fp32 accumulators stay fp32
+
+
+def test_bf16_counts_bytes_by_dtype():
+    """param_dtype="bf16": fp32 shards, fp32 shard gradients, fp32 moments and no other master
+    copy; gathered weights and all-gathers in bf16; reduce-scatters in reduce_dtype;
+    activations and token collectives from the fp32 probes, halved."""
+    info = _info()
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(2, 2))
+    hw = hardware("cpu")
+    kw = {"global_batch": 8, "seq_len": 64}
+    fp32 = estimate(info, probes, hw, Candidate(world=4, tp=2, ep=2), **kw)
+    bf16 = estimate(info, probes, hw, Candidate(world=4, tp=2, ep=2, dtype="bf16"), **kw)
+    up = estimate(info, probes, hw, Candidate(world=4, tp=2, ep=2, dtype="bf16", reduce_dtype="fp32"), **kw)
+    lay = layout_bytes(info, 4, 2, 2, True)
+    for e in (bf16, up):
+        assert (e.params, e.grads, e.optimizer) == (fp32.params, fp32.grads, fp32.optimizer)
+        assert e.candidate.runnable
+    assert bf16.activations == pytest.approx(fp32.activations / 2, abs=1)
+    gathered = lay.gathered_bytes_max_layer
+    token_buffers = fp32.transient - 2 * gathered  # this layer's and the next's (or its gradient); no reserve on cpu
+    assert bf16.transient == pytest.approx(gathered + token_buffers / 2, abs=1)
+    assert up.transient - bf16.transient == gathered / 2  # the full gradient is cast up before its reduce-scatter
+    gathers = {k: v for k, v in lay.comm_bytes.items() if k.endswith("all_gather")}
+    scatters = {k: v for k, v in lay.comm_bytes.items() if k.endswith("reduce_scatter")}
+    param_fp32 = sum(lay.comm_bytes.values())
+    param_bf16 = sum(gathers.values()) / 2 + sum(scatters.values()) / 2
+    param_up = sum(gathers.values()) / 2 + sum(scatters.values())
+    token = sum(fp32.comm_by_axis.values()) - param_fp32
+    assert sum(bf16.comm_by_axis.values()) == pytest.approx(param_bf16 + token / 2, abs=4)
+    assert sum(up.comm_by_axis.values()) == pytest.approx(param_up + token / 2, abs=4)
+    h100 = {d: estimate(info, probes, hardware("h100"), Candidate(world=4, dtype=d), **kw) for d in ("fp32", "bf16")}
+    assert h100["bf16"].compute_s == pytest.approx(h100["fp32"].compute_s * 67 / 989)  # bf16 peak flops
+    assert "bf16" in bf16.candidate.label() and "reduce-fp32" in up.candidate.label()

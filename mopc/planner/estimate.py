@@ -2,13 +2,27 @@
 
 Memory, by category (bytes per rank):
 - params, grads, optimizer: the shards of `model.layout_bytes` (exact: `make_plan`'s
-  layouts); AdamW keeps two moments per element and one 4-byte step counter per tensor;
+  layouts), fp32 at rest whatever the compute dtype (mixed precision keeps fp32 shards,
+  fp32 shard gradients, and the shard IS the fp32 master: no extra copy); AdamW keeps two
+  fp32 moments per element and one 4-byte step counter per tensor;
 - activations: forward values saved for backward, per token, from probes of the real
   compiled program (`probe.py`) scaled to the candidate's tokens per rank and layer counts;
   the part sized by the rows an expert-parallel rank receives is scaled by the routing
   skew (max over EP ranks of received rows / mean, at a percentile of a multinomial); what
   the probe gathered from every rank of its world (the vocabulary-parallel loss's hidden
-  states) grows per token with the world and is rescaled to the candidate's;
+  states) grows per token with the world and is rescaled to the candidate's. Under
+  `param_dtype="bf16"` activations are bf16: the probes trace in fp32 (one probe set
+  serves both dtypes), so their saved bytes and token-collective bytes are halved
+  (`dtype_scale`). The model's fp32 islands (RMSNorm's and RoPE's upcasts, the router's
+  fp32 logits, the loss's fp32 log-softmax, flash attention's fp32 log-sum-exp) are then
+  counted at half: measured on `tiny` (`run_probe` with `param_dtype` bf16 and fp32), a
+  bf16 probe saves 0.51x (dense layer), 0.60x (MoE layer) and 0.73x (head) of the fp32
+  probe's bytes, so bf16 activations are underestimated by up to ~1/6 per MoE layer there
+  (less on wide models, where the fp32 router and norm tensors are a smaller share);
+- context parallelism (`cp`): a rank holds L/cp tokens of each of its sequences, and every
+  layer but attention runs on them alone, so the per-token saved bytes are the cp=1
+  probe's (checked: a cp=2 probe saves the same bytes per local token). Attention adds
+  transient buffers (`cp_attention_transient`);
 - expert-activation offload (`offload="experts"`): the saved tensors of routed-expert,
   dispatch and combine nodes (the probe reads that share by the producer's `mopc_role`)
   live in host memory between forward and backward; the device holds the rest, or, when
@@ -20,21 +34,26 @@ Memory, by category (bytes per rank):
 - `live_peak` = params + optimizer + max(activations, grads): what
   `mopc.runtime.memory.MemoryTracker` measures (saved activations are freed by the
   compiled backward before its gradients accumulate);
-- transient (device only, not in the live-storage count): a layer's gathered weights
-  twice (in use and the next one), the token buffers of its collectives, plus the device's
-  reserved bytes. `peak` = live_peak + transient: what must fit the device.
+- transient (device only, not in the live-storage count): a layer's gathered weights in
+  `param_dtype` and, next to them, the next layer's (forward) or the layer's full gradient
+  in `reduce_dtype` before its reduce-scatter (backward); the larger of the token buffers
+  of a collective (tensor or expert parallel) and of context-parallel attention; plus the
+  device's reserved bytes. `peak` = live_peak + transient: what must fit the device.
 
-Time: compute = flops / (peak flops x mfu), from the probes' per-token flops plus the
-attention core, which grows with seq_len^2 per sequence; communication = bytes per mesh
-axis / link bandwidth (intra-node when the group fits in a node), not overlapped (mopc
-does not reorder collectives yet); pipeline bubble (p-1)/m of compute; offload traffic
+Time: compute = flops / (peak flops of the compute dtype x mfu), from the probes'
+per-token flops plus the attention core, which grows with seq_len^2 per sequence (under
+cp a rank does 1/cp of each sequence's causal work: the chunks are load-balanced);
+communication = bytes per mesh axis / link bandwidth (intra-node when the group fits in a
+node), not overlapped (mopc does not reorder collectives yet): ZeRO-3 gathers in
+`param_dtype`, gradient reduce-scatters in `reduce_dtype`, token collectives in
+`param_dtype`, and cp's K/V all-gathers (forward, again in backward) and dK/dV
+reduce-scatters (`cp_comm_bytes`); pipeline bubble (p-1)/m of compute; offload traffic
 over the host link (activation copies overlap compute; the optimizer's gradient and
 parameter copies and its host update do not).
 
-Candidates with features mopc cannot run yet (bf16 mixed precision, pipeline stages,
-context parallelism, full recompute) are projections:
-the same per-token measurements, with each feature's effect modelled by a formula
-(`_project_*`); they are never what `search` chooses to run.
+Candidates with features mopc cannot run yet (pipeline stages, full recompute) are
+projections: the same per-token measurements, with each feature's effect modelled by a
+formula; they are never what `search` chooses to run.
 """
 
 from __future__ import annotations
@@ -48,7 +67,11 @@ from mopc.planner.hardware import HardwareSpec
 from mopc.planner.model import LayoutBytes, ModelInfo, layout_bytes
 from mopc.planner.probe import LayerCosts, ProbeResult
 
-__all__ = ["Candidate", "Estimate", "ProbeSet", "estimate", "routing_skew"]
+__all__ = ["ITEMSIZE", "Candidate", "Estimate", "ProbeSet", "cp_attention_transient", "cp_comm_bytes", "dtype_scale",
+           "estimate", "routing_skew"]
+
+ITEMSIZE = {"fp32": 4, "bf16": 2}
+"""Bytes per element of the dtypes `mopc.parallelize` takes (`param_dtype`, `reduce_dtype`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +86,9 @@ class Candidate:
     microbatches: int = 1
     vocab_parallel: bool = True
     dtype: str = "fp32"
+    """`param_dtype`: what weights are gathered in and activations computed in (shards stay fp32)."""
+    reduce_dtype: str | None = None
+    """The dtype gradients are reduce-scattered in; None: `dtype` (as `mopc.parallelize`)."""
     recompute: str = "min_cut"
     """`min_cut` (mopc's partitioner: cheap ops recomputed) or `full` (only layer inputs saved)."""
     offload_activations: bool = False
@@ -75,14 +101,14 @@ class Candidate:
         return self.world // (self.tp * self.pp * self.cp)
 
     @property
+    def grad_dtype(self) -> str:
+        return self.reduce_dtype or self.dtype
+
+    @property
     def missing(self) -> tuple[str, ...]:
         out = []
-        if self.dtype != "fp32":
-            out.append("bf16 mixed precision")
         if self.pp > 1:
             out.append("pipeline parallelism")
-        if self.cp > 1:
-            out.append("context parallelism")
         if self.recompute != "min_cut":
             out.append("full activation recompute")
         return tuple(out)
@@ -98,6 +124,7 @@ class Candidate:
         if self.cp > 1:
             parts.append(f"cp{self.cp}")
         extra = [self.dtype] if self.dtype != "fp32" else []
+        extra += [f"reduce-{self.reduce_dtype}"] if self.reduce_dtype not in (None, self.dtype) else []
         extra += ["full-recompute"] if self.recompute == "full" else []
         extra += ["act-offload"] if self.offload_activations else []
         extra += ["opt-offload"] if self.offload_optimizer else []
@@ -136,6 +163,7 @@ class Estimate:
         c = self.candidate
         out = {"layout": c.label(), "dp": c.dp, "tp": c.tp, "ep": c.ep, "pp": c.pp, "cp": c.cp,
                "microbatches": c.microbatches, "vocab_parallel": c.vocab_parallel, "dtype": c.dtype,
+               "reduce_dtype": c.grad_dtype,
                "recompute": c.recompute, "offload_activations": c.offload_activations,
                "offload_optimizer": c.offload_optimizer, "runnable": c.runnable, "needs": list(c.missing)}
         fields = asdict(self)
@@ -169,6 +197,49 @@ def routing_skew(tokens: int, top_k: int, num_experts: int, ep: int, percentile_
     p = 1.0 / ep
     mean = rows * p
     return 1.0 + percentile_z * math.sqrt(rows * p * (1 - p)) / mean
+
+
+def dtype_scale(probe: ProbeResult, dtype: str) -> float:
+    """Factor from a probe's activation and token-collective bytes to `dtype`'s: the probe
+    traced in its `param_dtype` (fp32 unless given); see the module docstring."""
+    return ITEMSIZE[dtype] / ITEMSIZE[probe.options.get("param_dtype", "fp32")]
+
+
+def _kv_bytes_per_token(cfg: Any, c: Candidate) -> float:
+    """Bytes of one token's keys (or values) on a rank: its kv heads (split by tp) x head_dim."""
+    head_dim = cfg.head_dim or cfg.dim // cfg.num_heads
+    return cfg.num_kv_heads / c.tp * head_dim * ITEMSIZE[c.dtype]
+
+
+def cp_comm_bytes(cfg: Any, c: Candidate, tokens: int, num_layers: float) -> float:
+    """Bytes a rank sends per step in context-parallel attention, as the `context_parallel`
+    rewrite runs it: per layer, K and V of its `tokens` all-gathered over the cp group in
+    forward and again in backward (must-recompute), and dK, dV (gathered size, `param_dtype`)
+    reduce-scattered back: 4 gathers of (cp-1) x local bytes + 2 reduce-scatters of
+    cp x local x (cp-1)/cp bytes = 6 (cp-1) x local."""
+    if c.cp <= 1:
+        return 0.0
+    return 6 * (c.cp - 1) * tokens * _kv_bytes_per_token(cfg, c) * num_layers
+
+
+def cp_attention_transient(cfg: Any, c: Candidate, sequences: float, seq_len: int) -> float:
+    """Peak bytes of one attention layer's context-parallel buffers (`mopc::cp_attention`
+    and its backward on `sequences` sequences of `seq_len` tokens): the larger of
+    - forward: the gathered K and V of the whole sequences (cp x L/cp tokens each) and the
+      concatenated copy of the chunks before a query chunk (at most 2cp-1 of 2cp chunks, on
+      cp rank 0), for K and V;
+    - backward: K and V gathered again, fp32 dK and dV accumulators over the whole
+      sequences, and either the prefix copies with their gradient pieces (in the loop) or
+      the fp32 rank-major copy plus the returned dK, dV in `param_dtype` (at the return).
+    cp=1 runs the flash kernel on the local tensors: nothing beyond them (0)."""
+    if c.cp <= 1:
+        return 0.0
+    item = ITEMSIZE[c.dtype]
+    whole = sequences * seq_len * _kv_bytes_per_token(cfg, c) / item  # elements of K (or V), whole sequences
+    prefix = (2 * c.cp - 1) / (2 * c.cp)
+    forward = whole * item * 2 * (1 + prefix)
+    backward = whole * (2 * item + 2 * 4 + max(4 * item * prefix, 4 + 2 * item))
+    return max(forward, backward)
 
 
 def _per_token(c: LayerCosts, tokens: int) -> dict[str, float]:
@@ -293,22 +364,21 @@ def estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, c: Candidate, 
         skew = routing_skew(tokens_per_rank * c.ep // max(c.microbatches, 1), cfg.top_k, cfg.num_experts, c.ep,
                             skew_z)
     lay: LayoutBytes = layout_bytes(info, stage_ranks, c.tp, c.ep, c.vocab_parallel)
-    half = c.dtype == "bf16"
-    # model state, per rank (a pipeline stage holds 1/pp of the layers)
+    item, grad_item = ITEMSIZE[c.dtype], ITEMSIZE[c.grad_dtype]
+    # model state, per rank (a pipeline stage holds 1/pp of the layers): fp32 shards, fp32
+    # shard gradients and fp32 moments in every dtype (bf16 keeps no other master copy)
     shard_bytes = lay.param_bytes / c.pp
     shard_numel = shard_bytes / 4
-    params = shard_numel * (2 if half else 4)
-    grads = shard_numel * (2 if half else 4)
-    optimizer = shard_numel * (12 if half else 8) + 4 * lay.num_tensors / c.pp  # bf16: fp32 master + moments
+    params = grads = shard_numel * 4
+    optimizer = shard_numel * 8 + 4 * lay.num_tensors / c.pp
     # activations of the tokens in flight
-    act_scale = 0.5 if half else 1.0
+    act_scale = dtype_scale(probes.base, c.dtype)
     split = {k: _saved_split(probes, k, c.tp, c.ep, skew) for k in ("dense", "moe")}
     per_layer = {k: total * act_scale for k, (total, _) in split.items()}
     per_layer_offload = {k: offload * act_scale for k, (_, offload) in split.items()}
     head = _saved_split(probes, "head", c.tp, c.ep, skew, stage_ranks)[0] * act_scale
     layers_per_stage = {k: info.count(k) / c.pp for k in ("dense", "moe")}
     if c.recompute == "full":  # layer inputs kept, one layer's saved values rebuilt at a time in backward
-        item = 2 if half else 4
         kept = sum(layers_per_stage.values()) * cfg.dim * item
         activations = tokens_in_flight * (kept + head) + tokens_per_rank // max(c.microbatches, 1) * max(
             per_layer.values(), default=0)
@@ -321,17 +391,19 @@ def estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, c: Candidate, 
         one_layer = tokens_per_rank // max(c.microbatches, 1) * max(per_layer_offload.values(), default=0)
         activations = max(activations - host_act, activations - host_act - tokens_in_flight * head + one_layer)
     opt_device, host_opt = optimizer, 0.0
-    if c.offload_optimizer:  # HostAdamW: moments, step and an fp32 master copy (bf16 already counts one)
-        opt_device, host_opt = 0.0, optimizer + (0.0 if half else shard_numel * 4)
+    if c.offload_optimizer:  # HostAdamW: moments, step and an fp32 master copy of each shard
+        opt_device, host_opt = 0.0, optimizer + shard_numel * 4
     host = host_act + host_opt
     live_peak = params + opt_device + max(activations, grads)
-    # transient: two layers' gathered weights, the biggest token buffers of a collective, reserved
-    item = 2 if half else 4
-    gathered = lay.gathered_bytes_max_layer * (0.5 if half else 1.0)
+    # transient: a layer's gathered weights and the next one's (or its full gradient), the
+    # biggest token buffers of a collective or of cp attention, reserved
+    gathered_numel = lay.gathered_bytes_max_layer / 4
+    gathered = gathered_numel * item + gathered_numel * max(item, grad_item)
     mb_tokens = tokens_per_rank // max(c.microbatches, 1)
     token_buffers = max(c.tp * mb_tokens * cfg.dim * item,
-                        2 * mb_tokens * cfg.top_k * cfg.dim * item * skew if c.ep > 1 else 0)
-    transient = 2 * gathered + token_buffers + hw.reserved_bytes
+                        2 * mb_tokens * cfg.top_k * cfg.dim * item * skew if c.ep > 1 else 0,
+                        cp_attention_transient(cfg, c, mb_tokens * c.cp / seq_len, seq_len))
+    transient = gathered + token_buffers + hw.reserved_bytes
     peak = live_peak + transient
     host_limit = hw.host_memory_bytes_per_node / min(hw.devices_per_node, c.world) * 0.9
     why = []
@@ -339,6 +411,8 @@ def estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, c: Candidate, 
         why.append("device memory")
     if host > host_limit:
         why.append("host memory")
+    if c.cp > 1 and seq_len % (2 * c.cp):
+        why.append(f"sequence length {seq_len} not divisible by 2*cp={2 * c.cp}")
     if rows_per_rank < 1 or rows_per_rank != int(rows_per_rank):
         why.append(f"global batch {global_batch} does not split into whole sequences over {stage_ranks // c.cp} "
                    f"rank groups{'' if c.cp > 1 else ' (needs context parallelism)'}")
@@ -347,23 +421,22 @@ def estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, c: Candidate, 
     if c.recompute == "full":
         flops *= 4 / 3  # one more forward
     compute_s = flops / (hw.peak_flops(c.dtype) * hw.mfu)
-    comm = {k: v * (0.5 if half else 1.0) for k, v in lay.comm_bytes.items()}
-    comm_total = {}
-    for key, sent in comm.items():
-        axis = key.split(":")[0]
-        comm_total[axis] = comm_total.get(axis, 0.0) + sent / c.pp
+    comm_total: dict[str, float] = {}
+    for key, sent in lay.comm_bytes.items():  # ZeRO-3: gathers in param_dtype, reduce-scatters in reduce_dtype
+        axis, kind = key.split(":")
+        scale = (item if kind == "all_gather" else grad_item) / 4
+        comm_total[axis] = comm_total.get(axis, 0.0) + sent * scale / c.pp
     for axis, sent in _token_comm(probes, info, c, tokens_per_rank, skew).items():
-        comm_total[axis] = comm_total.get(axis, 0.0) + sent * (0.5 if half else 1.0)
-    if c.cp > 1:  # ring attention: every rank receives the other cp-1 blocks of K and V, forward and backward
-        kv = 2 * cfg.num_kv_heads * (cfg.head_dim or cfg.dim // cfg.num_heads) * item
-        comm_total["cp"] = 3 * tokens_per_rank * kv * (c.cp - 1) * (info.num_dense + info.num_moe) / c.pp
+        comm_total[axis] = comm_total.get(axis, 0.0) + sent * act_scale
+    if c.cp > 1:
+        comm_total["cp"] = cp_comm_bytes(cfg, c, tokens_per_rank, (info.num_dense + info.num_moe) / c.pp)
     comm_s = 0.0
     gpn = hw.devices_per_node
     for axis, sent in comm_total.items():
         size = {"tp": c.tp, "ep": c.ep, "cp": c.cp, "world": stage_ranks, "dp": stage_ranks // c.tp,
                 "edp": stage_ranks // c.ep}.get(axis, stage_ranks)
-        contiguous = axis in ("tp", "ep", "cp")
-        spans = size > gpn if contiguous else stage_ranks > gpn
+        span = {"tp": c.tp, "ep": c.ep, "cp": c.cp * c.tp}.get(axis, stage_ranks)  # cp ranks are strided by tp
+        spans = span > gpn
         comm_s += sent / hw.link_bandwidth(size, spans)
     bubble_s = compute_s * (c.pp - 1) / c.microbatches if c.pp > 1 else 0.0
     offload_s = 0.0

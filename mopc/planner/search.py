@@ -2,17 +2,20 @@
 
 Runnable candidates (what `mopc.parallelize` accepts today): `tp` dividing the world, the
 heads and key/value heads, within a node; `ep` dividing the world and the expert count;
-`dp = world / tp`; `vocab_parallel` when the vocabulary divides the world; fp32 with
-AdamW; mopc's min-cut partitioner deciding save or recompute; each with and without
-expert-activation offload (`offload="experts"`) and with AdamW on the device or in host
-memory (`mopc.optim.HostAdamW`, `optimizer_offload`). Every rank holds whole sequences,
-so the global batch must have at least one sequence per rank. The chosen layout is the
-fastest that fits; on equal step time, the one with fewer offloads.
+`cp` dividing world / tp, with the sequence length divisible by 2·cp; `dp = world / (tp·cp)`;
+`vocab_parallel` when the vocabulary divides the world; `param_dtype` fp32 or bf16
+(`reduce_dtype` = `param_dtype`; fp32 shards and AdamW state either way); mopc's min-cut
+partitioner deciding save or recompute; each with and without expert-activation offload
+(`offload="experts"`) and with AdamW on the device or in host memory
+(`mopc.optim.HostAdamW`, `optimizer_offload`). A context-parallel group of cp ranks
+shares its sequences, so the global batch must have at least one sequence per group
+(default: exactly one). The chosen layout is the one with the highest throughput (tokens
+per second per GPU; with a fixed global batch that is the shortest step) among those that
+fit; on a tie, the one with fewer offloads.
 
-Projections (flagged `runnable: false` with what they need): bf16 mixed precision,
-pipeline stages (1F1B), context parallelism, full activation recompute (each combined
-with the offloads above): the fastest one that fits is reported next to the chosen
-plan, never chosen in its place.
+Projections (flagged `runnable: false` with what they need): pipeline stages (1F1B) and
+full activation recompute, in bf16, combined with every cp and the offloads above: the
+fastest one that fits is reported next to the chosen plan, never chosen in its place.
 
 The baseline: FSDP2 (ZeRO-3 over all ranks, each MoE layer's experts gathered whole),
 as mopc's own baseline runs it (fp32, no recompute) and as a tuned run would (bf16 mixed
@@ -153,8 +156,9 @@ def fsdp2_estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, *, world
 
     `fp32`: as `mopc train --baseline fsdp2` runs (fp32, activations as mopc's min-cut
     program at tp 1, ep 1, the [tokens, vocab] logits and their log-softmax saved);
-    `tuned`: bf16 mixed precision (fp32 master weights and moments) and full activation
-    checkpointing; `tuned+offload`: also `CPUOffloadPolicy` (parameters, gradients and
+    `tuned`: bf16 mixed precision (`MixedPrecisionPolicy`: fp32 sharded parameters, which
+    are the master weights, fp32 sharded gradients and moments; gathers and reductions in
+    bf16) and full activation checkpointing; `tuned+offload`: also `CPUOffloadPolicy` (parameters, gradients and
     optimizer state in host memory, one layer at a time on the device).
     """
     cfg = info.config
@@ -162,8 +166,8 @@ def fsdp2_estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, *, world
     tokens = global_batch * seq_len // world
     half = variant != "fp32"
     numel = lay.param_bytes / 4
-    params, grads = numel * (2 if half else 4), numel * (2 if half else 4)
-    optimizer = numel * (12 if half else 8) + 4 * lay.num_tensors
+    params = grads = numel * 4
+    optimizer = numel * 8 + 4 * lay.num_tensors
     item = 2 if half else 4
     logits = tokens * cfg.vocab_size * (item + 4)  # logits, and the fp32 log-softmax the loss saves
     from mopc.planner.estimate import _flops, _saved_per_token
@@ -189,7 +193,7 @@ def fsdp2_estimate(info: ModelInfo, probes: ProbeSet, hw: HardwareSpec, *, world
     compute_s = flops / (hw.peak_flops("bf16" if half else "fp32") * hw.mfu)
     comm = sum(lay.comm_bytes.values()) * (0.5 if half else 1.0)
     comm_s = comm / hw.link_bandwidth(world, world > hw.devices_per_node)
-    offload_s = (2 * numel * item) / hw.host_device_bandwidth if variant == "tuned+offload" else 0.0
+    offload_s = (2 * numel * 4) / hw.host_device_bandwidth if variant == "tuned+offload" else 0.0
     step = compute_s + comm_s + offload_s
     cand = Candidate(world=world, vocab_parallel=False, dtype="bf16" if half else "fp32",
                      recompute="full" if half else "min_cut", offload_optimizer=variant == "tuned+offload")
@@ -257,6 +261,18 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+DTYPES = ("fp32", "bf16")
+"""`param_dtype`s searched (`reduce_dtype` = `param_dtype`)."""
+
+
+def context_parallel_degrees(world: int, tp: int, seq_len: int, global_batch: int | None = None) -> list[int]:
+    """The cp degrees `mopc.parallelize` accepts for a layout: cp divides world / tp
+    (`MeshSpec.from_config`) and the sequence length is divisible by 2·cp (two equal chunks
+    per rank); with a given global batch, each of the world / cp groups gets whole sequences."""
+    return [cp for cp in _divisors(world // tp) if seq_len % (2 * cp) == 0
+            and (cp == 1 or global_batch is None or (global_batch * cp) % world == 0)]
+
+
 def runnable_degrees(config: Any, world: int, hw: HardwareSpec) -> tuple[list[int], list[int]]:
     head_dim = config.head_dim or config.dim // config.num_heads
     tps = [t for t in _divisors(world) if t <= hw.devices_per_node and config.num_heads % t == 0
@@ -285,19 +301,24 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
     info = model_info(config, probes)
     estimates: list[Estimate] = []
     offloads = (False, True)
-    for tp, ep, off_a, off_o in itertools.product(tps, eps, offloads if info.num_moe else (False,), offloads):
-        cand = Candidate(world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel, offload_activations=off_a,
-                         offload_optimizer=off_o)
-        estimates.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len, skew_z=skew_z))
+    for tp, ep, dtype, off_a, off_o in itertools.product(tps, eps, DTYPES, offloads if info.num_moe else (False,),
+                                                         offloads):
+        for cp in context_parallel_degrees(world, tp, seq_len, global_batch):
+            cand = Candidate(world=world, tp=tp, ep=ep, cp=cp, dtype=dtype, vocab_parallel=vocab_parallel,
+                             offload_activations=off_a, offload_optimizer=off_o)
+            estimates.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
+                                      skew_z=skew_z))
     runnable = sorted(estimates, key=_rank)
     chosen = runnable[0] if runnable else None
     projected: list[Estimate] = []
     if projections:
         pps = [p for p in (1, 2, 4, 8) if world % p == 0 and info.num_dense + info.num_moe >= p]
-        cps = [c for c in (1, 2, 4, 8, 16, 32, 64) if world % c == 0]
+        cps = [c for c in (1, 2, 4, 8, 16, 32, 64) if world % c == 0 and seq_len % (2 * c) == 0]
         for tp, ep, pp, cp, rc, off_a, off_o in itertools.product(
                 [t for t in tps if t in (1, tp_rep)], eps, pps, cps, ("min_cut", "full"), (False, True),
                 (False, True)):
+            if pp == 1 and rc == "min_cut":
+                continue  # runnable: searched above
             if world % (tp * pp * cp) or (world // pp) % ep or (off_a and (rc == "full" or not info.num_moe)):
                 continue  # full recompute keeps no expert activations to offload
             cand = Candidate(world=world, tp=tp, ep=ep, pp=pp, cp=cp,
@@ -342,10 +363,12 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
 
 
 def _rank(e: Estimate) -> tuple:
-    """Fitting first, fastest first; on a tie, fewer offloads (they cost host memory and PCIe
-    traffic the step time may hide); layouts that do not fit by peak."""
+    """Fitting first, highest throughput first (candidates of different cp step over different
+    global batches when it is not given: one sequence per cp group); on a tie, fewer offloads
+    (they cost host memory and PCIe traffic the step time may hide); layouts that do not fit
+    by peak."""
     c = e.candidate
-    return (not e.fits, e.step_time_s if e.fits else e.peak, c.offload_activations + c.offload_optimizer)
+    return (not e.fits, -e.tokens_per_s_per_gpu if e.fits else e.peak, c.offload_activations + c.offload_optimizer)
 
 
 def _gib(n: float) -> str:
@@ -379,16 +402,19 @@ def _explain(chosen: Estimate | None, projection: Estimate | None, runnable: lis
     return lines
 
 
-def estimate_layout(model: Any, *, world: int, tp: int = 1, ep: int = 1, global_batch: int, seq_len: int,
-                    vocab_parallel: bool = True, gpu: str = "cpu", skew: float | None = None,
-                    offload_activations: bool = False, offload_optimizer: bool = False) -> Estimate:
-    """The estimate of one runnable layout: what `mopc train --nproc world --tp .. --ep ..`
-    runs, with `--offload experts` (`offload_activations`) and `--optimizer-offload`."""
+def estimate_layout(model: Any, *, world: int, tp: int = 1, ep: int = 1, cp: int = 1, global_batch: int,
+                    seq_len: int, vocab_parallel: bool = True, gpu: str = "cpu", skew: float | None = None,
+                    offload_activations: bool = False, offload_optimizer: bool = False,
+                    param_dtype: str = "fp32", reduce_dtype: str | None = None) -> Estimate:
+    """The estimate of one runnable layout: what `mopc train --nproc world --tp .. --ep ..
+    --cp ..` runs, with `--offload experts` (`offload_activations`), `--optimizer-offload`,
+    `--param-dtype` and `--reduce-dtype`."""
     config = load_model_config(model)
     probes = probes_for(config, tp, ep, vocab_parallel)
     info = model_info(config, probes)
-    cand = Candidate(world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel,
-                     offload_activations=offload_activations, offload_optimizer=offload_optimizer)
+    cand = Candidate(world=world, tp=tp, ep=ep, cp=cp, vocab_parallel=vocab_parallel, dtype=param_dtype,
+                     reduce_dtype=reduce_dtype, offload_activations=offload_activations,
+                     offload_optimizer=offload_optimizer)
     return estimate(info, probes, hardware(gpu), cand, global_batch=global_batch, seq_len=seq_len, skew=skew)
 
 
