@@ -2,16 +2,24 @@
 
     python benchmarks/bench_max_seq.py                                # budget 400 MiB, every program
     python benchmarks/bench_max_seq.py --budget-mib 380 --programs fsdp2,mop_ep4
+    python benchmarks/bench_max_seq.py --programs fsdp2,mop_cp4_offload_optoff --granularity 128 \
+        --out benchmarks/results/max_seq_cp.json                      # context parallelism vs FSDP2
     python benchmarks/bench_max_seq.py --render                       # the table again, from the JSON
 
-Every run is `mopc train --nproc W --batch W --seq-len L ... --json` (one sequence per rank),
-same model, seed and steps for every program. A length L *fits* when the device-tier peak
+Every run is `mopc train --nproc W --batch B --seq-len L ... --json`, same model, seed and
+steps for every program. The global batch B depends on the program: one sequence per rank
+(B = W) for FSDP2 and the programs without context parallelism, and one sequence per
+context-parallel group (B = W / cp) for a `--cp` program, whose cp ranks each hold two of
+the 2·cp chunks of that sequence. Either way every rank reads one sequence of length L (or
+its 1/cp share). A length L *fits* when the device-tier peak
 of the live-storage accounting (mopc/runtime/memory.py; `memory.peak_bytes`, max over
 ranks) is at most the budget. Host-tier bytes (offloaded activations, `host_peak`; AdamW
 state in host memory, `optimizer_host`) are reported beside it and do not count.
 
 Search, per program, over multiples of --granularity up to the model's max_seq_len:
-1. measure at half the limit, then at the limit (or, if half does not fit, at a quarter);
+1. measure at a first length (--first-seq-len, else the program's hint in FIRST_SEQ_LEN,
+   else half the limit), then at twice it, or the limit if that is shorter (or, if the
+   first does not fit, at half of it); the hint only decides where the search starts;
 2. fit a line peak(L) through the two measured lengths closest to the boundary (the
    longest that fits and the shortest that does not, when both exist) and run the longest
    multiple the line predicts to fit; a prediction outside the open interval between the
@@ -45,8 +53,25 @@ PROGRAMS = {  # program name: its `mopc train` flags; add more here
     "mop_ep4": ["--ep", "4"],
     # expert activations to host between forward and backward, AdamW state on host (mopc.optim.HostAdamW)
     "mop_ep4_offload_optoff": ["--ep", "4", "--offload", "experts", "--optimizer-offload"],
+    # context parallelism alone, then with both memory passes: one sequence per group of 4 ranks
+    "mop_cp4_ep4": ["--cp", "4", "--ep", "4"],
+    "mop_cp4_offload_optoff": ["--cp", "4", "--ep", "4", "--offload", "experts", "--optimizer-offload"],
 }
 REFERENCE = "fsdp2"  # the ratio column divides by this program's longest fitting length
+FIRST_SEQ_LEN = {  # where the search starts (a hint from earlier runs: fewer slow runs); the default: half the limit
+    "fsdp2": 256, "mop_ep4": 256, "mop_ep4_offload_optoff": 1024, "mop_cp4_ep4": 1024, "mop_cp4_offload_optoff": 4096,
+}
+
+
+def context_parallel(program: str) -> int:
+    """The `--cp` degree of a program's flags (1 without)."""
+    flags = PROGRAMS[program]
+    return int(flags[flags.index("--cp") + 1]) if "--cp" in flags else 1
+
+
+def global_batch(program: str, nproc: int) -> int:
+    """One sequence per rank, or per context-parallel group (its ranks share the sequence)."""
+    return nproc // context_parallel(program)
 
 
 def _max_over_ranks(report: dict[str, Any], key: str) -> int:
@@ -55,9 +80,10 @@ def _max_over_ranks(report: dict[str, Any], key: str) -> int:
 
 def measure(program: str, seq_len: int, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """One run of `program` at `seq_len`: its device-tier peak, host tiers and whether it fits."""
-    settings = SimpleNamespace(**{**vars(args), "seq_len": seq_len})
+    settings = SimpleNamespace(**{**vars(args), "seq_len": seq_len, "batch": global_batch(program, args.nproc)})
     report = run_train(f"{program}_seq{seq_len}", settings, out_dir, PROGRAMS[program])
-    run: dict[str, Any] = {"seq_len": seq_len, "wall_s": round(report["wall_s"], 1), "command": report["command"]}
+    run: dict[str, Any] = {"seq_len": seq_len, "batch": settings.batch, "wall_s": round(report["wall_s"], 1),
+                           "command": report["command"]}
     if "error" in report:
         return {**run, "error": report["error"]}
     peak = report["memory"]["peak_bytes"]
@@ -107,7 +133,9 @@ def search(program: str, args: argparse.Namespace, limit: int, out_dir: Path) ->
     cap = limit // grain * grain
     runs: list[dict[str, Any]] = []
     lo, hi = 0, cap + grain  # lo: longest measured fit; hi: shortest measured failure (or past the limit)
-    seq_len, why = max(grain, cap // 2 // grain * grain), "half the model's limit"
+    first = args.first_seq_len or FIRST_SEQ_LEN.get(program)
+    seq_len, why = ((min(cap, max(grain, first // grain * grain)), "the first length") if first else
+                    (max(grain, cap // 2 // grain * grain), "half the model's limit"))
     while len(runs) < args.max_runs:
         run = measure(program, seq_len, args, out_dir)
         runs.append({**run, "chosen_by": why})
@@ -120,8 +148,8 @@ def search(program: str, args: argparse.Namespace, limit: int, out_dir: Path) ->
         if hi - lo <= grain:
             break
         measured = [r for r in runs if "error" not in r]
-        if len(measured) == 1:  # second point: the limit if half fits, else a quarter of it
-            seq_len, why = (cap, "the model's limit") if run["fits"] else \
+        if len(measured) == 1:  # second point: twice the first (at most the limit) if it fits, else half
+            seq_len, why = (min(cap, 2 * seq_len), "twice the first length") if run["fits"] else \
                 (max(grain, seq_len // 2 // grain * grain), "half the first length")
             if seq_len not in (lo, hi):
                 continue
@@ -135,7 +163,8 @@ def search(program: str, args: argparse.Namespace, limit: int, out_dir: Path) ->
         verdict = f"{lo} fits, {hi} does not" if lo else f"nothing fits: {grain} is over the budget"
     else:
         verdict = f"undecided after {len(runs)} runs: {lo} fits, {hi} does not"
-    result: dict[str, Any] = {"flags": PROGRAMS[program], "longest_fitting_seq_len": lo,
+    result: dict[str, Any] = {"flags": PROGRAMS[program], "batch": global_batch(program, args.nproc),
+                              "longest_fitting_seq_len": lo,
                               "bounded": hi - lo <= grain and not any("error" in r for r in runs),
                               "verdict": verdict, "num_runs": len(runs),
                               "wall_s": round(sum(r["wall_s"] for r in runs), 1), "runs": runs}
@@ -162,6 +191,7 @@ def format_table(doc: dict[str, Any]) -> str:
             + ("" if p["bounded"] else " ?")
 
     rows = [
+        ("global batch (sequences)", [str(programs[n].get("batch", doc["settings"]["nproc"])) for n in names]),
         ("longest fitting seq_len", [longest(n) for n in names]),
         ("device-tier peak MiB", [cell(n, lambda r: mib(r["peak_bytes"])) for n in names]),
         ("host tier: activations MiB", [cell(n, lambda r: mib(r["host_peak_bytes"])) for n in names]),
@@ -177,7 +207,8 @@ def format_table(doc: dict[str, Any]) -> str:
         ("wall s", [f"{programs[n]['wall_s']:.0f}" for n in names]),
     ]
     s = doc["settings"]
-    lines = [(f"{s['model']} on {s['nproc']} CPU ranks (gloo), one sequence per rank (global batch {s['batch']}), "
+    lines = [(f"{s['model']} on {s['nproc']} CPU ranks (gloo), one sequence per rank (global batch {s['nproc']}), "
+             f"or per context-parallel group of a --cp program (global batch {s['nproc']} / cp), "
              f"{s['steps']} steps; budget {s['budget_mib']} MiB per rank of device-tier peak (live-storage "
              f"accounting, max over ranks); lengths in multiples of {s['granularity']} up to max_seq_len "
              f"{doc['model_max_seq_len']}"), "", render(names, rows, min_col=10, fit_names=True), ""]
@@ -200,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--granularity", type=int, default=64, help="sequence lengths are multiples of this")
     p.add_argument("--max-runs", type=int, default=6, help="runs per program at most")
+    p.add_argument("--first-seq-len", type=int, default=None,
+                   help="the first length every program runs (default: each program's FIRST_SEQ_LEN hint)")
     p.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma list of {', '.join(PROGRAMS)}")
     p.add_argument("--out", default="benchmarks/results/max_seq.json")
     p.add_argument("--render", action="store_true", help="only print the table of the JSON at --out again")
@@ -211,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown:
         p.error(f"--programs: unknown {', '.join(unknown)}; choose from {', '.join(PROGRAMS)}")
-    args.batch = args.nproc  # one sequence per rank
+    for name in programs:
+        cp = context_parallel(name)
+        if args.nproc % cp or args.granularity % (2 * cp):
+            p.error(f"--programs {name}: cp={cp} needs --nproc a multiple of {cp} and --granularity a multiple "
+                    f"of 2*cp={2 * cp} (got --nproc {args.nproc}, --granularity {args.granularity})")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
