@@ -358,9 +358,9 @@ def _group_axes() -> dict[str, str]:
     for meshes in _MESHES.values():
         if meshes.default_group is not dist.group.WORLD:
             continue
-        for axis in ("world", "dp", "tp", "ep", "edp"):
+        for axis in ("world", "dp", "tp", "cp", "ep", "edp"):
             name = getattr(meshes, f"{axis}_group")
-            if axis not in axes[name]:
+            if name is not None and axis not in axes[name]:
                 axes[name].append(axis)
     return {name: "/".join(a) for name, a in axes.items()}
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import mopc
+import mopc.runtime.context_parallel
 from mopc.models import build_model, make_init_fn
 from mopc.runtime.trainer import synthetic_batch
 
@@ -31,7 +32,7 @@ def _parse(spec: str) -> dict:
     options = {}
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
-        options[key] = value
+        options[key] = int(value) if value.isdigit() else value
     return options
 
 
@@ -58,8 +59,14 @@ def run(options: dict, steps: int, lr: float, ref_losses: list[float] | None, du
     vocab = model.config.vocab_size
     global_batch = world * PER_RANK
 
+    # context parallelism: the same global batch, its sequences shared by the cp ranks
+    cp, tp = options.get("cp", 1), options.get("tp", 1)
+    index, rows = (rank // (tp * cp)) * tp + rank % tp, global_batch // (world // cp)
+
     def mine(batch):
-        return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+        own = {k: v[index * rows:(index + 1) * rows] for k, v in batch.items()}
+        cut = mopc.runtime.context_parallel.shard_sequence
+        return {k: cut(v, cp, (rank // tp) % cp) for k, v in own.items()} if cp > 1 else own
 
     model = mopc.parallelize(model, mine(synthetic_batch(0, global_batch, SEQ, vocab)),
                              init_fn=make_init_fn(model, 0), **options)

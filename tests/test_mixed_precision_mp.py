@@ -64,6 +64,9 @@ def _check(results: list[dict]) -> None:
         reduce = "f32" if r["options"].get("reduce_dtype") == "fp32" else "bf16"
         assert graphs["forward all_gather_into_tensor gather_params"] == ["bf16"], (name, graphs)
         assert graphs["backward reduce_scatter_tensor gather_params"] == [reduce], (name, graphs)
+        if r["options"].get("cp", 1) > 1:  # keys and values travel in bf16, their gradients too
+            assert graphs["forward all_gather_into_tensor context_parallel"] == ["bf16"], (name, graphs)
+            assert graphs["backward reduce_scatter_tensor context_parallel"] == ["bf16"], (name, graphs)
 
 
 @pytest.mark.large  # 70 s on the shared 2-core machine (launch and compile), over the 40 s CI budget
@@ -77,6 +80,8 @@ def test_bf16_short_run_world2(tmp_path):
 @pytest.mark.parametrize(("world", "configs"), [
     (2, "fp32;param_dtype=bf16;param_dtype=bf16,reduce_dtype=fp32"),
     (4, "fp32;param_dtype=bf16;param_dtype=bf16,ep=2;param_dtype=bf16,tp=2,reduce_dtype=fp32"),
-], ids=["world2", "world4"])
+    (2, "fp32;cp=2,param_dtype=bf16"),
+    (4, "fp32;cp=4,param_dtype=bf16;cp=2,ep=2,param_dtype=bf16"),
+], ids=["world2", "world4", "world2-cp", "world4-cp"])
 def test_bf16_within_tolerance_of_fp32_over_50_steps(tmp_path, world, configs):
     _check(_torchrun(world, configs, tmp_path / "mp.json", steps=50))

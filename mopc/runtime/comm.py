@@ -192,16 +192,18 @@ class CommCounter:
 
 
 def mesh_axes() -> dict[str, str]:
-    """Process-group name -> mesh axis (`world`, `dp`, `tp`, `ep`, `edp`) of every mesh mopc built.
+    """Process-group name -> mesh axis (`world`, `dp`, `tp`, `cp`, `ep`, `edp`) of every mesh mopc built.
 
     A group that is several axes at once (with ep=1 the expert-data-parallel group is the
-    world) takes the most general name: world, then dp, tp, ep, edp."""
+    world) takes the most general name: world, then dp, tp, cp, ep, edp."""
     from mopc.plan.mesh import _MESHES
 
     axes: dict[str, str] = {}
     for meshes in _MESHES.values():
-        for axis in ("edp", "ep", "tp", "dp", "world"):
-            axes[getattr(meshes, f"{axis}_group")] = axis
+        for axis in ("edp", "ep", "cp", "tp", "dp", "world"):
+            group = getattr(meshes, f"{axis}_group")
+            if group is not None:
+                axes[group] = axis
     return axes
 
 
