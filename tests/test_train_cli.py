@@ -138,6 +138,7 @@ def test_rank_batch_under_context_parallelism_reassembles_the_global_batch():
     assert torch.equal(rebuilt, full)
 
 
+@pytest.mark.large  # CI budget: 84 s of CPU (two ranks compiling mop); cp parity runs in tests/mp_parity.py
 @pytest.mark.multiprocess
 def test_context_parallel_two_ranks_matches_eager(tmp_path, monkeypatch):
     """`mopc train --nproc 2 --cp 2`: one sequence group, each rank two of the four chunks of
