@@ -384,3 +384,30 @@ def test_bf16_counts_bytes_by_dtype():
     h100 = {d: estimate(info, probes, hardware("h100"), Candidate(world=4, dtype=d), **kw) for d in ("fp32", "bf16")}
     assert h100["bf16"].compute_s == pytest.approx(h100["fp32"].compute_s * 67 / 989)  # bf16 peak flops
     assert "bf16" in bf16.candidate.label() and "reduce-fp32" in up.candidate.label()
+
+
+def test_cached_probes_compile_each_layout_once(monkeypatch, tmp_path):
+    """probes_for compiles each missing layout once (base == split at tp 1, ep 1), stores it on
+    disk, and a later process reads it back (marked cached). Workers: `test_plan_small_at_scale`."""
+    from mopc.planner import search
+
+    calls = []
+
+    def compile_probe(config, layout):
+        calls.append((layout["tp"], layout["ep"]))
+        return _probe(layout["tp"], layout["ep"])
+
+    monkeypatch.setenv("MOPC_PLANNER_CACHE", str(tmp_path))
+    monkeypatch.setenv("MOPC_PLANNER_JOBS", "1")
+    monkeypatch.setattr(search, "_compile_probe", compile_probe)
+    monkeypatch.setattr(search, "_PROBES", {})
+    config = PRESETS["tiny"]
+    same = search.probes_for(config, 1, 1)
+    assert calls == [(1, 1)] and same.base is same.split
+    probes = search.probes_for(config, 2, 2)
+    assert calls == [(1, 1), (2, 2)] and (probes.split.tp, probes.split.ep) == (2, 2)
+    assert len(list(tmp_path.glob("probe_*.json"))) == 2
+    monkeypatch.setattr(search, "_PROBES", {})  # a new process: from disk, nothing compiled
+    again = search.probes_for(config, 2, 2)
+    assert calls == [(1, 1), (2, 2)]
+    assert again.split.layers["moe"] == probes.split.layers["moe"] and id(again.split) in search._CACHED

@@ -32,8 +32,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Mapping
+from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,31 +98,109 @@ def _from_json(d: dict, config: Any) -> ProbeResult:
     return ProbeResult(model_config=probe_config(config), **d)
 
 
-def cached_probe(config: Any, *, world: int, tp: int, ep: int, vocab_parallel: bool,
-                 seq_len: int = PROBE_SEQ_LEN) -> ProbeResult:
-    """`run_probe` once per (model, layout); kept in memory and under `MOPC_PLANNER_CACHE`
-    (default ~/.cache/mopc/planner; `0` turns the disk cache off)."""
-    key = _probe_key(config, world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel, seq_len=seq_len)
+_CACHED: set[int] = set()
+"""ids of the probes this process read from the disk cache (not compiled in this run)."""
+
+
+def _cache_path(key: str) -> Path | None:
+    root = _cache_dir()
+    return root / f"probe_{key}.json" if root else None
+
+
+def _lookup(config: Any, key: str) -> ProbeResult | None:
     if key in _PROBES:
         return _PROBES[key]
-    root = _cache_dir()
-    path = root / f"probe_{key}.json" if root else None
+    path = _cache_path(key)
     if path is not None and path.exists():
         try:
             _PROBES[key] = _from_json(json.loads(path.read_text()), config)
+            _CACHED.add(id(_PROBES[key]))
             return _PROBES[key]
         except (ValueError, TypeError, KeyError):
             pass
-    result = run_probe(config, world=world, tp=tp, ep=ep, batch=1, seq_len=seq_len,
-                       options={"vocab_parallel": vocab_parallel})
+    return None
+
+
+def _store(key: str, result: ProbeResult) -> None:
     _PROBES[key] = result
+    path = _cache_path(key)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(_to_json(result)))
         except OSError:
             pass
-    return result
+
+
+def _probe_layout(world: int, tp: int, ep: int, vocab_parallel: bool, seq_len: int) -> dict[str, Any]:
+    return {"world": world, "tp": tp, "ep": ep, "vocab_parallel": vocab_parallel, "seq_len": seq_len}
+
+
+def _compile_probe(config: Any, layout: Mapping[str, Any]) -> ProbeResult:
+    layout = dict(layout)
+    vocab_parallel = layout.pop("vocab_parallel")
+    return run_probe(config, batch=1, options={"vocab_parallel": vocab_parallel}, **layout)
+
+
+def _probe_job(config: Any, layout: Mapping[str, Any]) -> dict:
+    """A probe compiled in a worker process, returned as the cache's JSON."""
+    return _to_json(_compile_probe(config, layout))
+
+
+def _num_jobs(missing: int) -> int:
+    """Processes compiling probes at once: `MOPC_PLANNER_JOBS`, default the CPU count."""
+    wanted = os.environ.get("MOPC_PLANNER_JOBS", "")
+    jobs = int(wanted) if wanted.isdigit() and int(wanted) > 0 else (os.cpu_count() or 1)
+    return max(1, min(jobs, missing))
+
+
+def cached_probes(config: Any, layouts: list[Mapping[str, Any]]) -> list[ProbeResult]:
+    """`run_probe` once per (model, layout); kept in memory and under `MOPC_PLANNER_CACHE`
+    (default ~/.cache/mopc/planner; `0` turns the disk cache off).
+
+    Probes that are not cached compile concurrently: a probe is single-threaded Python
+    (Dynamo, AOT autograd and mopc's passes on fake tensors), so on a machine with two or
+    more cores the second one compiles in a spawned worker process while this process
+    compiles the first (`MOPC_PLANNER_JOBS=1` turns that off). A worker that fails is
+    retried here."""
+    keys = [_probe_key(config, **layout) for layout in layouts]
+    missing = {}
+    for key, layout in zip(keys, layouts, strict=True):
+        if _lookup(config, key) is None:
+            missing.setdefault(key, layout)
+    todo = list(missing.items())
+    jobs = _num_jobs(len(todo))
+    futures = {}
+    pool = None
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        try:
+            pool = ProcessPoolExecutor(max_workers=jobs - 1, mp_context=multiprocessing.get_context("spawn"))
+            futures = {key: pool.submit(_probe_job, config, layout) for key, layout in todo[1:]}
+        except (OSError, RuntimeError) as err:  # no processes here: compile them one by one
+            log.info("planner: probes compile in this process (%s)", err)
+    try:
+        for key, layout in todo:
+            if key not in futures:
+                _store(key, _compile_probe(config, layout))
+        for key, future in futures.items():
+            try:
+                _store(key, _from_json(future.result(), config))
+            except (BrokenExecutor, OSError, RuntimeError, pickle.PicklingError) as err:  # compile it here
+                log.info("planner: probe worker failed (%s: %s); compiling it here", type(err).__name__, err)
+                _store(key, _compile_probe(config, missing[key]))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [_PROBES[key] for key in keys]
+
+
+def cached_probe(config: Any, *, world: int, tp: int, ep: int, vocab_parallel: bool,
+                 seq_len: int = PROBE_SEQ_LEN) -> ProbeResult:
+    """One probe, through `cached_probes`."""
+    return cached_probes(config, [_probe_layout(world, tp, ep, vocab_parallel, seq_len)])[0]
 
 
 def _probe_world(config: Any, tp: int, ep: int) -> tuple[int, bool]:
@@ -133,12 +213,11 @@ def _probe_world(config: Any, tp: int, ep: int) -> tuple[int, bool]:
 def probes_for(config: Any, tp: int, ep: int, vocab_parallel: bool = True) -> ProbeSet:
     """The base probe (tp 1, ep 1) and the split probe at (tp, ep)."""
     seq = min(PROBE_SEQ_LEN, config.max_seq_len)
-    world, vp = _probe_world(config, 1, 1)
-    base = cached_probe(config, world=world, tp=1, ep=1, vocab_parallel=vocab_parallel and vp, seq_len=seq)
-    if tp == 1 and ep == 1:
-        return ProbeSet(base=base, split=base)
-    world, vp = _probe_world(config, tp, ep)
-    split = cached_probe(config, world=world, tp=tp, ep=ep, vocab_parallel=vocab_parallel and vp, seq_len=seq)
+    layouts = []
+    for t, e in ((1, 1), (tp, ep)):
+        world, vp = _probe_world(config, t, e)
+        layouts.append(_probe_layout(world, t, e, vocab_parallel and vp, seq))
+    base, split = cached_probes(config, layouts)
     return ProbeSet(base=base, split=split)
 
 
@@ -355,6 +434,7 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
                        f"{projection.candidate.label() if projection else '-'}: {max_seq['best_projection'] or 0:,}")
     shown = runnable + sorted(projected, key=_rank)
     probes_text = [f"probe tp{p.tp} ep{p.ep} world {p.world}: {p.seconds:.1f}s"
+                   + (" (cached)" if id(p) in _CACHED else "")
                    for p in {id(p): p for p in (probes.base, probes.split)}.values()]
     return PlanResult(model=name, world=world, hardware=hw, seq_len=seq_len, global_batch=global_batch,
                       candidates=shown, chosen=chosen, projection=projection, fsdp2=fsdp2_out,
