@@ -16,6 +16,10 @@ the memory those runs measured, device tier and host tier (offloaded activations
 run's own routing (its `expert_load`: the most rows any EP rank received over all MoE
 layers / the mean), next to the planner's p99 uniform-router skew.
 
+The rows with `cp` and `param_dtype` run `mopc train --cp C` and `--param-dtype bf16`; their
+estimates are the planner's context-parallel and mixed-precision models (estimate.py).
+`--only "w2 cp2,w2 bf16"` runs the configurations whose name contains either part.
+
 For each configuration: `mopc train --nproc W ... --json` runs on real gloo ranks and
 reports each rank's live-storage memory (`mopc/runtime/memory.py`: parameters, gradients,
 AdamW state, saved activations; `peak` is their largest sum over the step). The planner
@@ -42,7 +46,7 @@ from types import SimpleNamespace
 
 from _report import git_state, mib, run_train
 
-# name, model, world, global batch, seq_len, tp, ep
+# name, model, world, global batch, seq_len, tp, ep[, {cp, param_dtype}]
 CONFIGS = (
     ("tiny w2", "tiny", 2, 8, 64, 1, 1),
     ("tiny w2 tp2", "tiny", 2, 8, 64, 2, 1),
@@ -54,13 +58,21 @@ CONFIGS = (
     ("small w4 tp2", "small", 4, 8, 128, 2, 1),
     ("small w4 ep4", "small", 4, 8, 128, 1, 4),
     ("small w2 tp2 ep2 s256", "small", 2, 4, 256, 2, 2),
+    # context parallelism and mixed precision (mopc train --cp, --param-dtype)
+    ("tiny w2 cp2", "tiny", 2, 8, 64, 1, 1, {"cp": 2}),
+    ("tiny w2 bf16", "tiny", 2, 8, 64, 1, 1, {"param_dtype": "bf16"}),
+    ("small w2 s256", "small", 2, 4, 256, 1, 1),
+    ("small w2 cp2 s256", "small", 2, 4, 256, 1, 1, {"cp": 2}),
+    ("small w2 bf16 s256", "small", 2, 4, 256, 1, 1, {"param_dtype": "bf16"}),
+    ("small w2 cp2 bf16 s256", "small", 2, 4, 256, 1, 1, {"cp": 2, "param_dtype": "bf16"}),
+    ("small w4 cp2 ep2 s256", "small", 4, 4, 256, 1, 2, {"cp": 2}),
 )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3, help="steps per run (the peak is reached from step 2 on)")
-    p.add_argument("--only", default="", help="run the configurations whose name contains this")
+    p.add_argument("--only", default="", help="run the configurations whose name contains this (A,B: either)")
     p.add_argument("--out", default=None, help="JSON to write (see above for the default)")
     p.add_argument("--from-results", default=None, metavar="PATH",
                    help="validate against the mop runs of an existing bench_dense_parallel.py JSON; run nothing")
@@ -88,13 +100,15 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="mopc_bench_planner_") as tmp:
-        for name, model, world, batch, seq, tp, ep in CONFIGS:
-            if args.only not in name:
+        for name, model, world, batch, seq, tp, ep, *extra in CONFIGS:
+            if not any(part in name for part in args.only.split(",")):
                 continue
+            more = extra[0] if extra else {}
             start = time.perf_counter()
-            est = estimate_layout(model, world=world, tp=tp, ep=ep, global_batch=batch, seq_len=seq)
+            est = estimate_layout(model, world=world, tp=tp, ep=ep, global_batch=batch, seq_len=seq, **more)
             est_s = time.perf_counter() - start
             flags = [f for f, v in (("--tp", tp), ("--ep", ep)) if v > 1 for f in (f, str(v))]
+            flags += [w for k, v in more.items() for w in (f"--{k.replace('_', '-')}", str(v))]
             run_args = SimpleNamespace(nproc=world, model=model, steps=args.steps, batch=batch, seq_len=seq,
                                        seed=0, lr=3e-3)
             report = run_train(name, run_args, Path(tmp), flags)
@@ -105,10 +119,11 @@ def main() -> None:
             measured = max(m["peak"] for m in per_rank)
             cats = {k: max(m[k] for m in per_rank) for k in ("params", "grads", "optimizer", "activations_peak")}
             rows.append({
-                "name": name, "command": report["command"], "world": world, "tp": tp, "ep": ep,
+                "name": name, "command": report["command"], "world": world, "tp": tp, "ep": ep, **more,
                 "global_batch": batch, "seq_len": seq,
                 "estimated": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
-                              "activations": est.activations, "peak": est.live_peak},
+                              "activations": est.activations, "peak": est.live_peak,
+                              "transient_not_measured": est.transient},
                 "measured": {**cats, "peak_max_over_ranks": measured,
                              "peak_min_over_ranks": min(m["peak"] for m in per_rank)},
                 "error_pct": 100.0 * (est.live_peak - measured) / measured,
@@ -134,8 +149,9 @@ def _re_estimate(row: dict) -> dict:
     words = row["command"].split()
     model = words[words.index("--model") + 1]
     start = time.perf_counter()
+    more = {k: row[k] for k in ("cp", "param_dtype") if k in row}
     est = estimate_layout(model, world=row["world"], tp=row["tp"], ep=row["ep"], global_batch=row["global_batch"],
-                          seq_len=row["seq_len"])
+                          seq_len=row["seq_len"], **more)
     measured = row["measured"]["peak_max_over_ranks"]
     return {**row, "estimated": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
                                  "activations": est.activations, "peak": est.live_peak},

@@ -411,3 +411,20 @@ def test_cached_probes_compile_each_layout_once(monkeypatch, tmp_path):
     again = search.probes_for(config, 2, 2)
     assert calls == [(1, 1), (2, 2)]
     assert again.split.layers["moe"] == probes.split.layers["moe"] and id(again.split) in search._CACHED
+
+
+@pytest.mark.large
+def test_cp_probe_matches_the_model():
+    """A probe of tiny's compiled program at cp=2 (world 2, 32 local tokens): the same saved
+    bytes per local token as cp=1, and cp collective bytes equal to `cp_comm_bytes`."""
+    from mopc.planner.estimate import cp_comm_bytes
+    from mopc.planner.probe import run_probe
+
+    cfg = PRESETS["tiny"]
+    plain = run_probe(cfg, world=2, batch=1, seq_len=32, options={"vocab_parallel": True})
+    cp = run_probe(cfg, world=2, batch=1, seq_len=32, options={"vocab_parallel": True, "cp": 2})
+    for kind in ("dense", "moe", "head"):
+        assert cp.layers[kind].saved_bytes == plain.layers[kind].saved_bytes
+    for kind in ("dense", "moe"):  # at world 2 the cp group is the world: the layers' only token collectives
+        sent = sum(cp.layers[kind].token_comm.values()) - sum(plain.layers[kind].token_comm.values())
+        assert sent == cp_comm_bytes(cfg, Candidate(world=2, cp=2), tokens=32, num_layers=1) == 24576

@@ -22,7 +22,8 @@ Memory, by category (bytes per rank):
 - context parallelism (`cp`): a rank holds L/cp tokens of each of its sequences, and every
   layer but attention runs on them alone, so the per-token saved bytes are the cp=1
   probe's (checked: a cp=2 probe saves the same bytes per local token). Attention adds
-  transient buffers (`cp_attention_transient`);
+  transient buffers (`cp_attention_transient`). Modelled: `cp_attention="all_gather"`
+  (the default); the head-exchanging `all_to_all` variant is not a candidate yet;
 - expert-activation offload (`offload="experts"`): the saved tensors of routed-expert,
   dispatch and combine nodes (the probe reads that share by the producer's `mopc_role`)
   live in host memory between forward and backward; the device holds the rest, or, when
