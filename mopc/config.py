@@ -67,6 +67,14 @@ class MoPConfig:
     keys and values; every other layer runs on the rank's own tokens. The sequence length
     must be divisible by 2·cp; `cp` must divide the world size divided by `tp`."""
 
+    cp_attention: Literal["all_gather", "all_to_all"] = "all_gather"
+    """How context-parallel attention reaches the other chunks. `all_gather`: gather the
+    group's keys and values (every rank keeps all heads; gathered again in backward).
+    `all_to_all` (head↔sequence, as in DeepSpeed-Ulysses): exchange queries, keys and values
+    so each rank holds the whole sequence for heads / cp of the heads, run causal attention
+    there, and send the output back; needs the head and key/value-head counts (per tensor-
+    parallel rank) divisible by `cp`. Set by `mopc.parallelize`."""
+
     plan: Literal["manual", "auto"] = "manual"
     """`manual` applies `tp` to every attention and dense MLP block; `auto` lets the
     planner keep a component on the sharded reference layout when tensor parallelism
@@ -257,6 +265,9 @@ class MoPConfig:
         if budget is not None and self.offload != "auto":
             raise MoPConfigError(f"mop option memory_budget_gb={budget!r} acts only with offload='auto', but "
                                  f"offload={self.offload!r}; set offload='auto' or drop memory_budget_gb")
+        if self.cp_attention != "all_gather" and self.cp == 1:
+            raise MoPConfigError(f"mop option cp_attention={self.cp_attention!r} acts only with cp > 1, but cp=1; "
+                                 "pass cp > 1 to mopc.parallelize or drop cp_attention")
         if self.powersgd_warmup_steps < 0:
             raise MoPConfigError(
                 f"mop option powersgd_warmup_steps={self.powersgd_warmup_steps!r} must be >= 0 (0 = no warm-up)")
@@ -378,7 +389,7 @@ class MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})
 
 
-LAYOUT_FIELDS = ("tp", "dp", "cp", "plan", "vocab_parallel", "ep", "expert_bias_update_rate",
+LAYOUT_FIELDS = ("tp", "dp", "cp", "cp_attention", "plan", "vocab_parallel", "ep", "expert_bias_update_rate",
                  "nan_guard", "check_inputs", "collective_timeout_s", "first_step_timeout_s",
                  "param_dtype", "reduce_dtype", "master_dtype")
 """Fields fixed by `mopc.parallelize` (how parameters are sharded at rest, and the

@@ -145,3 +145,39 @@ def test_attention_it_cannot_split_is_refused_not_computed_per_chunk(fake_world_
     with pytest.raises(Exception, match=r"cp > 1: attention in .* has is_causal=False; context parallelism "
                                         r"supports causal scaled_dot_product_attention"):
         step(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_all_to_all_variant_needs_cp_and_heads_divisible_by_it():
+    from mopc.plan.layout import ModelDims, check_dims
+
+    with pytest.raises(MoPConfigError, match=r"cp_attention='all_to_all' acts only with cp > 1, but cp=1"):
+        mopc.MoPConfig(cp_attention="all_to_all")
+    model = build_model("tiny", device="meta", seed=0)  # 8 heads, 4 key/value heads
+    config = mopc.MoPConfig(cp=8, cp_attention="all_to_all")
+    with pytest.raises(MoPConfigError, match=r"cp_attention='all_to_all' with cp=8 splits the model's key/value heads "
+                                             r"\(4\) over the cp ranks, and 4 is not divisible by 8; choose cp from "
+                                             r"\[1, 2, 4\]"):
+        check_dims(ModelDims.of(model), MeshSpec.from_config(mopc.MoPConfig(cp=8), 8), config)
+    config = mopc.MoPConfig(cp=4, tp=2, cp_attention="all_to_all")
+    with pytest.raises(MoPConfigError, match=r"key/value heads \(4 / tp=2\) over the cp ranks, and 2 is not divisible "
+                                             r"by 4; choose cp from \[1, 2\] or cp_attention='all_gather'"):
+        check_dims(ModelDims.of(model), MeshSpec.from_config(config, 8), config)
+
+
+def test_all_to_all_with_one_key_value_head_per_rank(tmp_path, fake_world_factory):
+    """cp 4 over tiny's 4 key/value heads: each rank attends with 1 kv head and 2 query heads
+    over the whole sequence; the outputs come back in the flash kernels' memory layout (with
+    one head per rank a reshape would silently give other strides and break the graph after)."""
+    fake_world_factory(4, 0)
+    batch = {k: shard_sequence(v, 4, 0) for k, v in synthetic_batch(0, 2, 16, 128).items()}
+    model = build_model("tiny", device="meta", seed=0)
+    model = mopc.parallelize(model, batch, init_fn=make_init_fn(model, 0), cp=4, cp_attention="all_to_all")
+    step = torch.compile(model, backend="mop", options={"dump_dir": str(tmp_path)})
+    step(**batch).backward()  # the fake group moves no data: shapes and strides only
+    graph = next(d for d in tmp_path.iterdir() if d.is_dir())
+    forward = next(graph.glob("*_forward.txt")).read_text()
+    backward = next(graph.glob("*_backward.txt")).read_text()
+    assert forward.count("= _c10d_functional.all_to_all_single(") == 3 * 5  # q, k, v there; out, lse back
+    assert backward.count("= _c10d_functional.all_to_all_single(") == 3 * 7  # q, k, v, d_out; dq, dk, dv
+    assert forward.count(": (f32[2, 2, 16, 8], f32[2, 2, 16]) = aten._scaled_dot_product_flash_attention_for_cpu(") == 3
+    assert backward.count("f32[2, 1, 16, 8]) = aten._scaled_dot_product_flash_attention_for_cpu_backward(") == 3

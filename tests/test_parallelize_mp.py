@@ -41,7 +41,7 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 # holding two chunks of every one (cp=4: 4 of the 16 tokens).
 CASES = [
     (2, "tp=1,loss_chunk_tokens=16,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
-        "cp=2,ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts,host_adamw=True,optimizer_offload=True", 2),
+        "cp=2,cp_attention=all_to_all,ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts,host_adamw=True,optimizer_offload=True", 2),
     (4, "cp=4,ep=4,skew=True,topk=3,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;"
         "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle,"
         "offload=experts,offload_prefetch=2,host_adamw=True,optimizer_offload=True", 1),
@@ -110,11 +110,19 @@ def _check_context_parallel(r: dict, forward: str, backward: str, per_rank: int)
     """Attention runs on the cp group's gathered keys and values, forward and backward, and
     the positions the rotary tables are built from are this rank's global ones."""
     cp, tp = r["options"]["cp"], r["options"].get("tp", 1)
-    assert forward.count("= mopc.cp_attention(") == 3 and "flash_attention_for_cpu(" not in forward, r["options"]
-    assert backward.count("= mopc.cp_attention_backward(") == 3, r["options"]
     local = 16 // cp  # tokens of each sequence on this rank (rank 0: chunks 0 and 2·cp - 1)
     chunk = local // 2
     assert f"aten.arange(0, {chunk}," in forward and f"aten.arange({16 - chunk}, 16," in forward, r["options"]
+    if r["options"].get("cp_attention") == "all_to_all":  # heads / cp over the whole sequence
+        exchange = "= _c10d_functional.all_to_all_single("
+        # forward: q, k, v there and output, log-sum-exp back; backward: q, k, v again, the
+        # output gradient there, dq, dk, dv back (3 layers)
+        assert forward.count(exchange) == 3 * 5 and backward.count(exchange) == 3 * 7, r["options"]
+        heads = f"f32[{tp * per_rank}, {8 // tp // cp}, 16, 8], f32[{tp * per_rank}, {8 // tp // cp}, 16])"
+        assert forward.count(heads) == 3, (r["options"], "causal flash on heads / cp, whole sequence")
+        return
+    assert forward.count("= mopc.cp_attention(") == 3 and "flash_attention_for_cpu(" not in forward, r["options"]
+    assert backward.count("= mopc.cp_attention_backward(") == 3, r["options"]
     gathered = f"f32[{cp * tp * per_rank}, {local}, {4 // tp}, 8] = _c10d_functional.all_gather_into_tensor("
     assert forward.count(gathered) == 6 and backward.count(gathered) == 6, (r["options"], "K and V, per layer")
     assert backward.count("_c10d_functional.reduce_scatter_tensor(") >= 6, r["options"]
@@ -159,8 +167,10 @@ def test_expert_parallel_world8(tmp_path):
 @pytest.mark.slow
 @pytest.mark.large
 def test_context_parallel_world4(tmp_path):
-    """cp 4, cp 2 x ep 2 and cp 2 x tp 2 over 4 ranks, 3 steps (run with -m large)."""
-    results = _torchrun(4, "cp=4;cp=2,ep=2;cp=2,tp=2", tmp_path / "parity.json", 2, steps=3)
+    """cp 4, cp 2 x ep 2 and cp 2 x tp 2 over 4 ranks, 3 steps (run with -m large); cp 4 and
+    cp 2 x tp 2 with the head<->sequence all-to-all too."""
+    results = _torchrun(4, "cp=4;cp=2,ep=2;cp=2,tp=2;cp=4,cp_attention=all_to_all;cp=2,tp=2,cp_attention=all_to_all",
+                        tmp_path / "parity.json", 2, steps=3)
     for index, r in enumerate(results):
         for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
             assert abs(ours - ref) <= 1e-5 * abs(ref), (r["options"], r["losses"], r["ref_losses"])

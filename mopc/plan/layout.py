@@ -111,6 +111,15 @@ def check_dims(dims: ModelDims, spec: MeshSpec, config: MoPConfig) -> None:
                     f"mop option tp={tp} does not divide the model's {name} ({value}); "
                     f"choose tp from {ok}"
                 )
+    if config.cp_attention == "all_to_all":
+        for name, value in (("attention heads", dims.num_heads), ("key/value heads", dims.num_kv_heads)):
+            if value is not None and (value // tp) % spec.cp:
+                ok = [d for d in range(1, value // tp + 1) if (value // tp) % d == 0 and spec.dp % d == 0]
+                raise MoPConfigError(
+                    f"mop option cp_attention='all_to_all' with cp={spec.cp} splits the model's {name} ({value}"
+                    f"{f' / tp={tp}' if tp > 1 else ''}) over the cp ranks, and {value // tp} is not divisible by "
+                    f"{spec.cp}; choose cp from {ok} or cp_attention='all_gather'"
+                )
     if spec.ep > 1 and dims.num_experts is not None and dims.num_experts % spec.ep:
         ok = [d for d in range(1, dims.num_experts + 1) if dims.num_experts % d == 0 and spec.world_size % d == 0]
         raise MoPConfigError(

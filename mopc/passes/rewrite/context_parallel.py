@@ -23,6 +23,7 @@ layer, rather than compute attention within each chunk only.
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch.fx import GraphModule, Node
@@ -142,6 +143,89 @@ def _backward_fn(cp: int, cp_rank: int, scale: float | None, group: str):
     return backward
 
 
+# ---- head <-> sequence all-to-all (cp_attention="all_to_all")
+# A tensor [B, H, S_local, ...] (laid out [B, S, H, ...] in memory, as the flash kernels
+# give and take them) is exchanged so each rank holds heads H / cp over the whole sequence,
+# in global order, and back.
+
+def _seq_to_heads(x: torch.Tensor, cp: int, group: str) -> torch.Tensor:
+    B, H, S = x.shape[:3]
+    rest = tuple(x.shape[3:])
+    bshd = x.transpose(1, 2).reshape(B, S, cp, H // cp, *rest)
+    send = bshd.movedim(2, 0).contiguous().view(cp * B, S, H // cp, *rest)  # head group (= destination) major
+    got = c10d.wait_tensor(c10d.all_to_all_single(send, [B] * cp, [B] * cp, group))
+    got = got.view(cp, B, S, H // cp, *rest)  # [source rank, B, its two chunks, heads, ...]
+    c = S // 2
+    chunks: list[torch.Tensor | None] = [None] * (2 * cp)
+    for r in range(cp):
+        a, b = cp_ops.sequence_chunk_ids(cp, r)
+        chunks[a], chunks[b] = got[r, :, :c], got[r, :, c:]
+    return torch.cat(chunks, dim=1).transpose(1, 2)  # [B, H / cp, L, ...]
+
+
+def _heads_to_seq(y: torch.Tensor, cp: int, group: str) -> torch.Tensor:
+    B, Hh, L = y.shape[:3]
+    rest = tuple(y.shape[3:])
+    c = L // (2 * cp)
+    chunks = y.transpose(1, 2).split(c, dim=1)  # the 2·cp global chunks, [B, c, H / cp, ...]
+    send = torch.cat([torch.cat([chunks[a], chunks[b]], dim=1)  # destination rank major
+                      for a, b in (cp_ops.sequence_chunk_ids(cp, r) for r in range(cp))])
+    got = c10d.wait_tensor(c10d.all_to_all_single(send, [B] * cp, [B] * cp, group))
+    got = got.view(cp, B, 2 * c, Hh, *rest)  # [head group, B, this rank's tokens, heads, ...]
+    # contiguous first: with one head per rank a reshape would be a view with other strides
+    # than the [B, S, H, ...] layout the graph after attention was traced with
+    return got.movedim(0, 2).contiguous().view(B, 2 * c, cp * Hh, *rest).transpose(1, 2)
+
+
+def _a2a_inputs_fn(cp: int, group: str):
+    def inputs(q, k, v):
+        return _seq_to_heads(q, cp, group), _seq_to_heads(k, cp, group), _seq_to_heads(v, cp, group)
+
+    return inputs
+
+
+def _a2a_forward_fn(cp: int, group: str, scale: float | None):
+    def forward(q_h, k_h, v_h):
+        out_h, lse_h = aten._scaled_dot_product_flash_attention_for_cpu(q_h, k_h, v_h, 0.0, True, scale=scale)
+        return out_h, lse_h, _heads_to_seq(out_h, cp, group), _heads_to_seq(lse_h, cp, group)
+
+    return forward
+
+
+def _a2a_backward_fn(cp: int, group: str, scale: float | None):
+    def backward(grad_out, q_h, k_h, v_h, out_h, lse_h):
+        go_h = _seq_to_heads(grad_out, cp, group)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            go_h, q_h, k_h, v_h, out_h, lse_h, 0.0, True, scale=scale)
+        return _heads_to_seq(dq, cp, group), _heads_to_seq(dk, cp, group), _heads_to_seq(dv, cp, group)
+
+    return backward
+
+
+def _rewrite_all_to_all(gm: GraphModule, fwd: Node, bwd: Node | None, cp: int, group: str) -> None:
+    """Ulysses-style: whole sequence, heads / cp per rank. The exchanged q, k, v are gathered
+    again in backward (must-recompute); the head-layout output and log-sum-exp are saved."""
+    q, k, v = fwd.args[0:3]
+    for name, node in (("heads", q), ("key/value heads", k)):
+        heads = node.meta["val"].shape[1]
+        if heads % cp:
+            raise MoPConfigError(f"mop option cp_attention='all_to_all' with cp={cp}: attention in {_where(fwd)} has "
+                                 f"{heads} {name} on this rank, not divisible by {cp}; use cp_attention='all_gather'")
+    scale = fwd.kwargs.get("scale")
+    layer = {"mopc_role": "attention", "mopc_layer": fwd.meta.get("mopc_layer")}
+    regather = {**layer, "recompute": CheckpointPolicy.MUST_RECOMPUTE, "ac_graph_id": 0}
+    q_h, k_h, v_h = insert_traced(gm.graph, _a2a_inputs_fn(cp, group), [q, k, v], before=fwd, meta=regather)
+    out_h, lse_h, out, lse = insert_traced(gm.graph, _a2a_forward_fn(cp, group, scale), [q_h, k_h, v_h],
+                                           before=fwd, meta=layer)
+    if bwd is not None:
+        grads = insert_traced(gm.graph, _a2a_backward_fn(cp, group, scale), [bwd.args[0], q_h, k_h, v_h, out_h, lse_h],
+                              before=bwd, meta=layer)
+        for index, item in _getitems(bwd).items():
+            item.replace_all_uses_with(grads[index])
+    for index, item in _getitems(fwd).items():
+        item.replace_all_uses_with((out, lse)[index])
+
+
 def _backward_of(fwd: Node, backwards: list[Node]) -> Node | None:
     for bwd in backwards:
         if tuple(bwd.args[1:4]) == tuple(fwd.args[0:3]):
@@ -150,16 +234,16 @@ def _backward_of(fwd: Node, backwards: list[Node]) -> Node | None:
 
 
 def _getitems(node: Node) -> dict[int, Node]:
-    return {u.args[1]: u for u in node.users if u.target is __import__("operator").getitem}
+    return {u.args[1]: u for u in node.users if u.target is operator.getitem}
 
 
 @register_pass(
     kind="rewrite",
     requires=("annotate_roles",),
     enabled=lambda c: c.cp > 1,
-    options_from_config=lambda c: {"cp": c.cp, "tp": c.tp},
+    options_from_config=lambda c: {"cp": c.cp, "tp": c.tp, "variant": c.cp_attention},
 )
-def context_parallel(gm: GraphModule, ctx, *, cp: int, tp: int) -> GraphModule:
+def context_parallel(gm: GraphModule, ctx, *, cp: int, tp: int, variant: str = "all_gather") -> GraphModule:
     """Attention over the cp group's gathered keys and values; positions made global.
 
     Algorithm:
@@ -170,6 +254,9 @@ def context_parallel(gm: GraphModule, ctx, *, cp: int, tp: int) -> GraphModule:
     3. per attention: all-gather K and V over cp (must-recompute: backward gathers them
        again), `mopc::cp_attention` in place of the forward; in backward
        `mopc::cp_attention_backward`, and reduce-scatter (sum) of dK and dV to their owners.
+       With `cp_attention="all_to_all"`: all-to-all q, k, v to heads / cp over the whole
+       sequence (again in backward), causal flash attention there, all-to-all the output
+       and log-sum-exp back; backward exchanges the output gradient, and dq, dk, dv back.
     """
     flash = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _FLASH]
     _check_supported(gm, flash)
@@ -193,6 +280,9 @@ def context_parallel(gm: GraphModule, ctx, *, cp: int, tp: int) -> GraphModule:
     moved = _rewrite_positions(gm, flash, cp, cp_rank)
     backwards = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _FLASH_BACKWARD]
     for fwd in flash:
+        if variant == "all_to_all":
+            _rewrite_all_to_all(gm, fwd, _backward_of(fwd, backwards), cp, group)
+            continue
         q, k, v = fwd.args[0:3]
         scale = fwd.kwargs.get("scale")
         layer = {"mopc_role": "attention", "mopc_layer": fwd.meta.get("mopc_layer")}
@@ -212,9 +302,10 @@ def context_parallel(gm: GraphModule, ctx, *, cp: int, tp: int) -> GraphModule:
         for index, item in _getitems(fwd).items():
             item.replace_all_uses_with((out, lse)[index])
     gm.graph.eliminate_dead_code()
-    left = [n.name for n in gm.graph.nodes if n.target in (_FLASH, _FLASH_BACKWARD)]
+    replaced = {n.name for n in flash + backwards}
+    left = [n.name for n in gm.graph.nodes if n.name in replaced and n.target in (_FLASH, _FLASH_BACKWARD)]
     if left:
         raise RuntimeError(f"context_parallel: attention nodes left after the rewrite: {left}")
-    log.info("context_parallel: graph %s: %d attention ops over cp=%d (rank %d), %d position tensors made global",
-             ctx.graph_id, len(flash), cp, cp_rank, moved)
+    log.info("context_parallel: graph %s: %d attention ops over cp=%d (rank %d, %s), %d position tensors made global",
+             ctx.graph_id, len(flash), cp, cp_rank, variant, moved)
     return gm
