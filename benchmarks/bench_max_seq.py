@@ -24,7 +24,8 @@ Search, per program, over multiples of --granularity up to the model's max_seq_l
    longest that fits and the shortest that does not, when both exist) and run the longest
    multiple the line predicts to fit; a prediction outside the open interval between the
    longest fitting and the shortest failing length so far is replaced by its midpoint
-   (the peak is flat at short lengths, where gradients outweigh saved activations);
+   (the peak is flat at short lengths, where gradients outweigh saved activations), and a
+   prediction equal to the longest fitting length by the next multiple;
 3. stop when a fitting length and the next multiple that does not fit have both been run,
    when the model's limit fits, when the granularity itself does not fit, or after
    --max-runs runs. Every decision reads a measured peak; the line only picks the next run.
@@ -120,6 +121,9 @@ def _next_length(runs: list[dict[str, Any]], lo: int, hi: int, budget: int, grai
         predicted = math.floor((budget - line[1]) / line[0] / grain) * grain
         if lo < predicted < hi:
             return predicted, f"line through {pair[0]['seq_len']} and {pair[1]['seq_len']}"
+        if predicted == lo and lo + grain < hi:  # the line puts the boundary just past lo: check the next multiple
+            return lo + grain, (f"next multiple (line through {pair[0]['seq_len']} and {pair[1]['seq_len']} "
+                                f"predicts {lo})")
     mid = max(grain, (lo + hi) // 2 // grain * grain)
     if not lo < mid < hi:
         mid = lo + grain
