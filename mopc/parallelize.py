@@ -179,10 +179,8 @@ def data_parallel_rank(model: nn.Module) -> tuple[int, int]:
         index, count = mopc.data_parallel_rank(model)
         sampler = DistributedSampler(dataset, num_replicas=count, rank=index)
     """
-    spec = _spec_of(model)
-    rank = dist.get_rank()
-    tp_rank, rest = rank % spec.tp, rank // spec.tp
-    return (rest // spec.cp) * spec.tp + tp_rank, spec.world_size // spec.cp
+    part = _data_part(model)
+    return part.index, part.count
 
 
 def shard_sequence(batch: Any, model: nn.Module, dim: int = 1) -> Any:
@@ -194,11 +192,10 @@ def shard_sequence(batch: Any, model: nn.Module, dim: int = 1) -> Any:
     made global by the compiler, so the model sees the same sequence as on one device."""
     from mopc.runtime.context_parallel import shard_sequence as cut
 
-    spec = _spec_of(model)
-    if spec.cp == 1:
+    part = _data_part(model)
+    if part.cp == 1:
         return batch
-    cp_rank = (dist.get_rank() // spec.tp) % spec.cp
-    one = lambda t: cut(t, spec.cp, cp_rank, dim) if isinstance(t, torch.Tensor) and t.dim() > dim else t
+    one = lambda t: cut(t, part.cp, part.cp_rank, dim) if isinstance(t, torch.Tensor) and t.dim() > dim else t
     if isinstance(batch, Mapping):
         return {k: one(v) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
@@ -206,11 +203,14 @@ def shard_sequence(batch: Any, model: nn.Module, dim: int = 1) -> Any:
     return one(batch)
 
 
-def _spec_of(model: nn.Module) -> MeshSpec:
+def _data_part(model: nn.Module):
+    from mopc.runtime.context_parallel import data_part
+
     plan = plan_of(model)
     if plan is None:
         raise ValueError("this model was not parallelized; call mopc.parallelize(model, ...) first")
-    return plan.spec
+    spec = plan.spec
+    return data_part(dist.get_rank(), spec.world_size, spec.cp, spec.tp)
 
 
 def _check_precision(config: MoPConfig) -> None:

@@ -20,11 +20,34 @@ per piece: nothing of size [L, L] is ever formed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["global_positions", "sequence_chunk_ids", "shard_sequence"]
+__all__ = ["DataPart", "data_part", "global_positions", "sequence_chunk_ids", "shard_sequence"]
 
 aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class DataPart:
+    """Which part of every global batch a rank reads."""
+
+    index: int
+    """Which slice of rows (`mopc.data_parallel_rank`'s index)."""
+    count: int
+    """Ranks reading different rows: world // cp."""
+    cp: int = 1
+    cp_rank: int = 0
+    """Which two of the 2·cp chunks of each sequence the rank keeps (cp > 1)."""
+
+
+def data_part(rank: int, world: int, cp: int = 1, tp: int = 1) -> DataPart:
+    """The part of the data `rank` reads on the mesh (dp, cp, tp), tp fastest: the cp ranks
+    of a group share rows. Pure arithmetic, so usable before `mopc.parallelize` (whose
+    example inputs must already be the rank's part)."""
+    tp_rank, rest = rank % tp, rank // tp
+    return DataPart(index=(rest // cp) * tp + tp_rank, count=world // cp, cp=cp, cp_rank=rest % cp)
 
 
 def sequence_chunk_ids(cp: int, cp_rank: int) -> tuple[int, int]:

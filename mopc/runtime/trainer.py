@@ -54,6 +54,7 @@ from mopc.runtime.comm import (
     enable_flight_recorder,
     mesh_axes,
 )
+from mopc.runtime.context_parallel import DataPart, data_part, shard_sequence
 from mopc.runtime.memory import MemoryTracker
 
 log = logging.getLogger("mopc")
@@ -88,33 +89,10 @@ def synthetic_batch(step: int, batch: int, seq_len: int, vocab: int, seed: int =
     return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
-@dataclass(frozen=True)
-class DataPart:
-    """Which part of every global batch a rank reads."""
-
-    index: int
-    """Which slice of rows (`mopc.data_parallel_rank`'s index)."""
-    count: int
-    """Ranks reading different rows: world // cp."""
-    cp: int = 1
-    cp_rank: int = 0
-    """Which two of the 2·cp chunks of each sequence the rank keeps (cp > 1)."""
-
-
-def data_part(rank: int, world: int, cp: int = 1, tp: int = 1) -> DataPart:
-    """The part of the data `rank` reads on the mesh (dp, cp, tp), tp fastest: the cp ranks
-    of a group share rows; the arithmetic of `mopc.data_parallel_rank`, usable before
-    `mopc.parallelize` (whose example inputs must already be the rank's part)."""
-    tp_rank, rest = rank % tp, rank // tp
-    return DataPart(index=(rest // cp) * tp + tp_rank, count=world // cp, cp=cp, cp_rank=rest % cp)
-
-
 def rank_batch(step: int, batch: int, seq_len: int, vocab: int, seed: int, rank: int,
                world: int, *, cp: int = 1, tp: int = 1) -> dict[str, torch.Tensor]:
     """This rank's part of global batch `step`: `batch // (world // cp)` rows and, under
     context parallelism, of each of their sequences the two chunks (of 2·cp) it holds."""
-    from mopc.runtime.context_parallel import shard_sequence
-
     part = data_part(rank, world, cp, tp)
     rows = batch // part.count
     full = synthetic_batch(step, batch, seq_len, vocab, seed)
