@@ -115,17 +115,15 @@ def test_memory_accounting_counts_bf16_activations_at_their_size(fake_world_fact
     from mopc.runtime.memory import MemoryTracker
 
     fake_world_factory(2, 0)
-    batch = {k: v[:PER_RANK] for k, v in synthetic_batch(0, 2 * PER_RANK, 64, 128).items()}
+    batch = {k: v[:PER_RANK] for k, v in synthetic_batch(0, 2 * PER_RANK, SEQ, 128).items()}
     reports = {}
     for dtype in ("fp32", "bf16"):
         model = build_model("tiny", device="meta", seed=0)
         model = mopc.parallelize(model, batch, init_fn=make_init_fn(model, 0), param_dtype=dtype)
-        step = torch.compile(model, backend="mop")
         tracker = MemoryTracker(model, None, rank=0)
-        with tracker.step():
-            step(**batch).backward()
+        with tracker.step():  # eagerly: mopc::unshard casts there as in the compiled graph
+            model(**batch).backward()
         reports[dtype] = tracker.report()
-        torch._dynamo.reset()
     fp32, bf16 = reports["fp32"], reports["bf16"]
     assert bf16["params"] == fp32["params"] and bf16["grads"] == fp32["grads"], (fp32, bf16)
     assert 0.45 * fp32["activations_peak"] < bf16["activations_peak"] < 0.8 * fp32["activations_peak"], (fp32, bf16)
