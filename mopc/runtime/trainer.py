@@ -356,38 +356,20 @@ def _whole_rows(settings: TrainSettings, rank: int, world: int, vocab: int) -> C
     return lambda step: rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank, world)
 
 
-def _mop_batches(settings: TrainSettings, model: nn.Module, vocab: int) -> Callable[[int], dict[str, torch.Tensor]]:
-    """This rank's part of each global batch, as the parallelized model says: its data-parallel
-    slice of rows (`mopc.data_parallel_rank`), cut along the sequence (`mopc.shard_sequence`)."""
-    import mopc
-
-    index, count = mopc.data_parallel_rank(model)
-    rows = settings.batch // count
-
-    def batch(step: int) -> dict[str, torch.Tensor]:
-        full = synthetic_batch(step, settings.batch, settings.seq_len, vocab, settings.seed)
-        mine = {k: v[index * rows:(index + 1) * rows] for k, v in full.items()}
-        return {k: v.contiguous() for k, v in mopc.shard_sequence(mine, model).items()}
-
-    return batch
-
-
 def _build_mop(settings: TrainSettings, rank: int, world: int) -> Program:
     import mopc
     from mopc.models import build_model, make_init_fn
 
     model = build_model(_model_config(settings), device="meta", seed=settings.seed)
     vocab = model.config.vocab_size
-    # parallelize's example inputs are already this rank's part: cut by the mesh arithmetic
-    example = rank_batch(0, settings.batch, settings.seq_len, vocab, settings.seed, rank, world,
-                         cp=settings.cp, tp=settings.tp)
+    # this rank's part of every global batch (its rows; under cp, its chunks of each sequence),
+    # by the arithmetic of mopc.data_parallel_rank / mopc.shard_sequence (runtime.context_parallel)
+    def batches(step: int) -> dict[str, torch.Tensor]:
+        return rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank, world,
+                          cp=settings.cp, tp=settings.tp)
+
     layout = {k: v for k, v in settings.mop_options.items() if k != "dump_dir"}
-    model = mopc.parallelize(model, example, init_fn=make_init_fn(model, settings.seed), **layout)
-    batches = _mop_batches(settings, model, vocab)
-    if any(not torch.equal(a, b) for a, b in zip(example.values(), batches(0).values(), strict=True)):
-        raise RuntimeError(f"mopc train: rank {rank}'s example batch (data part "
-                           f"{data_part(rank, world, settings.cp, settings.tp)}) differs from the part "
-                           f"mopc.data_parallel_rank / mopc.shard_sequence give: the mesh layout changed")
+    model = mopc.parallelize(model, batches(0), init_fn=make_init_fn(model, settings.seed), **layout)
     if settings.skew_experts:  # buffers are plain, materialised tensors after parallelize
         skew_routing(model, settings.skew_experts)
     compiled = torch.compile(model, backend="mop", options=_mop_compile_options(settings, rank))
