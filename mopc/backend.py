@@ -83,8 +83,10 @@ class _Compilation:
     """State of one Dynamo graph's compilation (its id, inputs, pipeline and dumps)."""
 
     def __init__(self, gm: GraphModule, example_inputs: Sequence[Any], config: MoPConfig,
-                 explicit: Mapping[str, Any] | None = None) -> None:
-        self.graph_id = next_graph_id()
+                 explicit: Mapping[str, Any] | None = None, *, stage: int | None = None) -> None:
+        self.graph_id = next_graph_id() if stage is None else f"{next_graph_id()}_stage{stage}"
+        self.stage = stage  # a pipeline stage's graph: compiled alone, run by the schedule
+        self.explicit = explicit
         self.inputs: GraphInputs = describe_inputs(gm)
         if self.inputs.layout_config is not None:  # parameters sharded by mopc.parallelize
             config = MoPConfig.under_parallelize(self.inputs.layout_config, explicit or {})
@@ -166,17 +168,11 @@ class _Compilation:
         return _lower(self.lowering, self.graph_id, is_inference=True)(gm, example_inputs)
 
     def compile(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        compiled = aot_module_simplified(
-            gm,
-            example_inputs,
-            fw_compiler=_lower(self.lowering, self.graph_id),
-            bw_compiler=_lower(self.lowering, self.graph_id, is_backward=True),
-            inference_compiler=self.inference,
-            partition_fn=self.partition,
-            decompositions=_decompositions(self.lowering),
-            keep_inference_input_mutations=True,
-        )
-        if self.inputs.layout_config is None:
+        if self.config.pp > 1 and self.stage is None:
+            compiled = self._compile_pipeline(gm, example_inputs)
+        else:
+            compiled = self._compile_graph(gm, example_inputs)
+        if self.inputs.layout_config is None or self.stage is not None:
             return compiled
         config, graph_id = self.config, self.graph_id
         check_shapes = config.check_inputs and (config.tp > 1 or config.cp > 1 or config.vocab_parallel)
@@ -194,6 +190,37 @@ class _Compilation:
             return outputs
 
         return run
+
+    def _compile_pipeline(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """Cut the graph into pipeline stages, compile this rank's, return the whole-step call."""
+        from mopc.runtime.pipeline_step import PipelineStep
+
+        if self.config.optimizer_offload:
+            raise MoPConfigError("mop option optimizer_offload=True updates each parameter as soon as its gradient "
+                                 f"is reduced, but under pp={self.config.pp} every micro-batch adds to the "
+                                 "gradient; drop optimizer_offload (HostAdamW still keeps its state on the host)")
+        placeholders = gm.graph.find_nodes(op="placeholder")
+        state = self.inputs.names[len(self.inputs.names) - len(placeholders):]
+        explicit = self.explicit
+
+        def compile_stage(stage_gm: GraphModule, stage_inputs: list[Any]) -> Callable:
+            index = int(stage_gm.__class__.__name__.removeprefix("Stage"))
+            compilation = _Compilation(stage_gm, stage_inputs, self.config, explicit, stage=index)
+            return compilation.compile(stage_gm, stage_inputs)
+
+        return PipelineStep(gm, example_inputs, self.config, compile_stage, [fqn is None for fqn in state])
+
+    def _compile_graph(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        return aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=_lower(self.lowering, self.graph_id),
+            bw_compiler=_lower(self.lowering, self.graph_id, is_backward=True),
+            inference_compiler=self.inference,
+            partition_fn=self.partition,
+            decompositions=_decompositions(self.lowering),
+            keep_inference_input_mutations=True,
+        )
 
 
 def mop(gm: GraphModule, example_inputs: Sequence[Any], options: dict | MoPConfig | None = None,

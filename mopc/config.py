@@ -75,6 +75,32 @@ class MoPConfig:
     there, and send the output back; needs the head and key/value-head counts (per tensor-
     parallel rank) divisible by `cp`. Set by `mopc.parallelize`."""
 
+    pp: int = 1
+    """Pipeline-parallel degree: the layers are cut into `pp` stages (`pp · pp_virtual` under
+    the interleaved schedule), each held by world / pp ranks; ranks are laid out (pp, dp,
+    cp, tp), the pipeline rank varying slowest. The compiled call then runs the whole step
+    (forward, loss and backward of every micro-batch) and returns the loss, the same on every
+    rank; `loss.backward()` afterwards has nothing left to do. Must divide the world size."""
+
+    microbatches: int | None = None
+    """Micro-batches per step under pipeline parallelism (default: 2·pp); the batch each rank
+    passes is cut along dim 0 into this many equal parts. 1F1B needs at least `pp`."""
+
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule: `gpipe` (every forward, then every backward: all micro-batches'
+    activations in flight), `1f1b` (one forward one backward after a warm-up: at most `pp`
+    in flight per stage), `interleaved_1f1b` (`pp_virtual` stages per rank, smaller bubble;
+    micro-batches a multiple of `pp`)."""
+
+    pp_virtual: int = 1
+    """Stages per pipeline rank (interleaved 1F1B: 2 or more; rank r holds stages r, r+pp, ...)."""
+
+    pp_split: tuple[int, ...] | None = None
+    """First layer of every stage after the first (increasing layer indices, one fewer than the
+    stages), e.g. (3,) for two stages at layer 3; None: balanced by the cost model (flops and
+    parameter bytes per layer, expert layers included). Embeddings go to the first stage, the
+    final norm, vocabulary projection and loss to the last."""
+
     plan: Literal["manual", "auto"] = "manual"
     """`manual` applies `tp` to every attention and dense MLP block; `auto` lets the
     planner keep a component on the sharded reference layout when tensor parallelism
@@ -222,7 +248,8 @@ class MoPConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-        for name in ("tp", "dp", "cp", "loss_chunk_tokens", "ep", "expert_spill_slots"):
+        for name in ("tp", "dp", "cp", "pp", "pp_virtual", "microbatches", "loss_chunk_tokens", "ep",
+                     "expert_spill_slots"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MoPConfigError(f"mop option {name}={value!r} must be a positive integer")
@@ -265,6 +292,7 @@ class MoPConfig:
         if budget is not None and self.offload != "auto":
             raise MoPConfigError(f"mop option memory_budget_gb={budget!r} acts only with offload='auto', but "
                                  f"offload={self.offload!r}; set offload='auto' or drop memory_budget_gb")
+        self._check_pipeline_options()
         if self.cp_attention != "all_gather" and self.cp == 1:
             raise MoPConfigError(f"mop option cp_attention={self.cp_attention!r} acts only with cp > 1, but cp=1; "
                                  "pass cp > 1 to mopc.parallelize or drop cp_attention")
@@ -279,6 +307,47 @@ class MoPConfig:
                                      f"(default {MoPConfig.__dataclass_fields__[name].default:g})")
         if self.bucket_mb < 0:
             raise MoPConfigError(f"mop option bucket_mb={self.bucket_mb!r} must be >= 0 (0 = no bucketing)")
+
+    def _check_pipeline_options(self) -> None:
+        """Schedule options need pp > 1 and must fit the schedule they name."""
+        default = MoPConfig.__dataclass_fields__
+        if self.pp == 1:
+            given = [f"{n}={getattr(self, n)!r}" for n in ("microbatches", "schedule", "pp_virtual", "pp_split")
+                     if getattr(self, n) != default[n].default]
+            if given:
+                raise MoPConfigError(f"mop option(s) {', '.join(given)} act only with pipeline parallelism, but "
+                                     "pp=1; pass pp > 1 to mopc.parallelize or drop them")
+            return
+        interleaved = self.schedule == "interleaved_1f1b"
+        if interleaved and self.pp_virtual < 2:
+            raise MoPConfigError(f"mop option schedule='interleaved_1f1b' needs pp_virtual >= 2 stages per rank, "
+                                 f"but pp_virtual={self.pp_virtual}; pass pp_virtual=2 or schedule='1f1b'")
+        if not interleaved and self.pp_virtual != 1:
+            raise MoPConfigError(f"mop option pp_virtual={self.pp_virtual} (stages per rank) acts only with "
+                                 f"schedule='interleaved_1f1b', but schedule={self.schedule!r}; pass "
+                                 "schedule='interleaved_1f1b' or drop pp_virtual")
+        m = self.num_microbatches
+        if self.schedule != "gpipe" and m < self.pp:
+            raise MoPConfigError(f"mop option microbatches={m} < pp={self.pp}: {self.schedule} needs at least pp "
+                                 f"micro-batches to fill the pipeline; pass microbatches>={self.pp} or "
+                                 "schedule='gpipe'")
+        if interleaved and m % self.pp:
+            raise MoPConfigError(f"mop option microbatches={m} is not a multiple of pp={self.pp}, which "
+                                 f"schedule='interleaved_1f1b' needs; pass microbatches="
+                                 f"{(m // self.pp + 1) * self.pp}")
+        split = self.pp_split
+        stages = self.pp * self.pp_virtual
+        if split is not None and (len(split) != stages - 1 or list(split) != sorted(set(split)) or split[0] < 1):
+            raise MoPConfigError(f"mop option pp_split={split!r} must list the first layer of every stage after the "
+                                 f"first: {stages - 1} increasing layer indices >= 1 for {stages} stages "
+                                 f"(e.g. pp_split={tuple(range(1, stages))})")
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per step (1 without pipeline parallelism)."""
+        if self.pp == 1:
+            return 1
+        return self.microbatches if self.microbatches is not None else 2 * self.pp
 
     def _check_compression_options(self) -> None:
         """A compression sub-option that the chosen mode never reads would do nothing: refuse."""
@@ -389,7 +458,8 @@ class MoPConfig:
         return MoPConfig.from_options({**dataclasses.asdict(self), **changes})
 
 
-LAYOUT_FIELDS = ("tp", "dp", "cp", "cp_attention", "plan", "vocab_parallel", "ep", "expert_bias_update_rate",
+LAYOUT_FIELDS = ("tp", "dp", "cp", "cp_attention", "pp", "microbatches", "schedule", "pp_virtual", "pp_split",
+                 "plan", "vocab_parallel", "ep", "expert_bias_update_rate",
                  "nan_guard", "check_inputs", "collective_timeout_s", "first_step_timeout_s",
                  "param_dtype", "reduce_dtype", "master_dtype")
 """Fields fixed by `mopc.parallelize` (how parameters are sharded at rest, and the

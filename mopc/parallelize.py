@@ -55,11 +55,38 @@ def _tokens_per_rank(example_inputs: tuple | dict) -> int | None:
     return None
 
 
-def _param_roles(model: nn.Module, example_inputs: tuple | dict, loss_fn: Callable | None) -> dict[str, str]:
+def _analyze(model: nn.Module, example_inputs: tuple | dict, loss_fn: Callable | None):
     from mopc.analysis import analyze
 
-    analysis = analyze(model, _fake_inputs(example_inputs, model), loss_fn)
-    return dict(analysis.param_roles)
+    return analyze(model, _fake_inputs(example_inputs, model), loss_fn)
+
+
+def _stage_plan(model: nn.Module, analysis, config: MoPConfig):
+    """The pipeline stages (layers per stage, balanced by the analysis's step flops) and the
+    parameters each stage holds; tied parameters used on two stages are refused."""
+    from mopc.passes.analysis.role_defs import layer_of
+    from mopc.plan.stages import make_stage_plan
+
+    layers = sorted({layer_of(fqn) for fqn in analysis.param_roles} - {None})
+    if not layers:
+        raise MoPConfigError(f"mop option pp={config.pp}: no `layers.N` blocks were found in this model, so there "
+                             "is no sequential stack to cut into pipeline stages; drop pp")
+    rows = {row.name: row.flops for row in analysis.layer_rows()}
+    flops = [rows.get(f"layer {i}", 0) for i in range(len(layers))]
+    stages = make_stage_plan(config, len(layers), flops, head_flops=rows.get("embedding", 0),
+                             tail_flops=rows.get("head", 0))
+    seen_layer, where, owners = False, {}, {}
+    for fqn, param in model.named_parameters(remove_duplicate=False):
+        seen_layer = seen_layer or layer_of(fqn) is not None
+        stage = stages.stage_of_param(fqn, after_layers=seen_layer)
+        if id(param) in owners and owners[id(param)][1] != stage:
+            first, other = owners[id(param)]
+            raise MoPConfigError(
+                f"mop option pp={config.pp}: parameter {fqn} is the same tensor as {first} (tied weights), used on "
+                f"pipeline stages {other} and {stage}; untie them (e.g. tie_embeddings=False) or drop pp")
+        owners.setdefault(id(param), (fqn, stage))
+        where[fqn] = stage
+    return stages, where
 
 
 def _materialize_buffers(model: nn.Module, init_fn: InitFn | None, device: torch.device) -> None:
@@ -121,13 +148,29 @@ def parallelize(
             )
     _check_precision(config)
     _check_sequence(example_inputs, spec)
+    if spec.pp > 1:
+        from mopc.runtime.pipeline_step import first_microbatch
+
+        values = example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs
+        for value in values:
+            first_microbatch(value, config.num_microbatches)
     config = config.replace(dp=spec.data_parallel)  # resolved, so torch.compile(options={"dp": ...}) can agree
-    param_roles = _param_roles(model, example_inputs, loss_fn)
-    plan = make_plan(model, param_roles, spec, config, _tokens_per_rank(example_inputs))  # raises first
+    analysis = _analyze(model, example_inputs, loss_fn)
+    rank = dist.get_rank()
+    held = None  # parameters this rank's pipeline stages use (None: every parameter)
+    if spec.pp > 1:
+        stages, param_stage = _stage_plan(model, analysis, config)
+        mine = {s for s in range(stages.num_stages) if s % spec.pp == spec.pipeline_rank(rank)}
+        held = {fqn for fqn, s in param_stage.items() if s in mine}
+        config = config.replace(pp_split=stages.first_layer[1:])  # resolved: the backend cuts the graph there
+        log.info("mopc.parallelize: pipeline %s", stages.describe())
+    plan = make_plan(model, dict(analysis.param_roles), spec, config, _tokens_per_rank(example_inputs))  # raises first
     meshes = build_meshes(spec)
     device = rank_device()
 
-    def full_value(fqn: str, param: torch.Tensor) -> torch.Tensor:
+    def full_value(fqn: str, param: torch.Tensor) -> torch.Tensor | None:
+        if held is not None and fqn not in held:  # another pipeline stage's: no storage here
+            return None
         if not param.is_meta:
             return param.detach()
         values = init_fn(fqn, param)  # type: ignore[misc]
@@ -138,17 +181,24 @@ def parallelize(
         return values
 
     with torch.no_grad():
-        shard_module_params(model, dict(plan.layouts), rank=dist.get_rank(), world_mesh=meshes.world,
+        shard_module_params(model, dict(plan.layouts), rank=spec.stage_rank(rank), world_mesh=meshes.world,
                             group_name=meshes.world_group, full_value=full_value, device=device,
                             precision=config.mixed_precision())
         _materialize_buffers(model, init_fn, device)
     for param in model.parameters():  # the backend reads the layout options from its inputs
         param._mopc_config = config  # type: ignore[attr-defined]
     model.mopc_plan = plan  # type: ignore[assignment]
+    if spec.pp > 1:  # Dynamo captures one micro-batch; the compiled call runs the whole step
+        from mopc.runtime.pipeline_step import pipelined_forward
+
+        cls = type(model)
+        model.__class__ = type(f"Pipelined{cls.__name__}", (cls,), {"forward": pipelined_forward(cls.forward)})
+        model._mopc_pp, model._mopc_microbatches = spec.pp, config.num_microbatches  # type: ignore[assignment]
     if config.expert_bias_update_rate > 0:
         _balance_after_each_step(model, config.expert_bias_update_rate, meshes.edp_group)
-    groups = (meshes.world_group, meshes.dp_group, meshes.tp_group, meshes.ep_group, meshes.edp_group)
-    install_step_guard(model, groups + ((meshes.cp_group,) if meshes.cp_group else ()), check=config.nan_guard,
+    groups = (meshes.world_group, meshes.dp_group, meshes.tp_group, meshes.ep_group, meshes.edp_group,
+              *(g for g in (meshes.cp_group, meshes.pp_group) if g))
+    install_step_guard(model, groups, check=config.nan_guard,
                        collective_timeout_s=config.collective_timeout_s,
                        first_step_timeout_s=config.first_step_timeout_s)
     log.info("mopc.parallelize: %s", plan.summary().replace("\n", "; "))
@@ -210,7 +260,7 @@ def _data_part(model: nn.Module):
     if plan is None:
         raise ValueError("this model was not parallelized; call mopc.parallelize(model, ...) first")
     spec = plan.spec
-    return data_part(dist.get_rank(), spec.world_size, spec.cp, spec.tp)
+    return data_part(spec.stage_rank(dist.get_rank()), spec.world_size, spec.cp, spec.tp)
 
 
 def _check_precision(config: MoPConfig) -> None:
@@ -245,6 +295,34 @@ def _balance_after_each_step(model: nn.Module, rate: float, edp_group: str) -> N
             update_expert_bias(biases, rate, edp_group)
 
     model._mopc_balance_hook = register_optimizer_step_post_hook(hook)  # type: ignore[assignment]
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for a parallelized model: the norm of the whole
+    model's gradient. Without pipeline parallelism this is torch's (the gradient shards are
+    DTensors over all ranks); under `pp > 1` each rank holds its stages' shards only, so the
+    stages' norms are combined over the pipeline ranks before clipping. Returns the norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    plan = plan_of(model)
+    if plan is None or plan.spec.pp == 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+    from mopc.plan.mesh import build_meshes, resolve_group
+
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type) if params else torch.zeros(())
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach().double()
+    group = resolve_group(build_meshes(plan.spec).pp_group)
+    if norm_type == float("inf"):
+        dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=group)
+    else:
+        norm = norm ** norm_type
+        dist.all_reduce(norm, group=group)
+        norm = norm ** (1.0 / norm_type)
+    coef = min(1.0, max_norm / (norm.item() + 1e-6))
+    if coef < 1.0:
+        with torch.no_grad():
+            for p in params:
+                p.grad.mul_(coef)
+    return norm.float()
 
 
 def plan_of(model: nn.Module) -> Plan | None:

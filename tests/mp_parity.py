@@ -45,16 +45,27 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     out = {}
     for fqn, param in model.named_parameters():
+        if param.grad is None and getattr(param, "_mopc_remote", False):  # another pipeline stage's
+            continue
         layout = param._mopc_layout
         gathered = param.grad.full_tensor()
         out[fqn] = gathered_to_full(gathered, list(layout.shape), layout.chunk_dim, layout.num_chunks,
-                                    layout.world_size)
+                                    layout.world_size).clone()  # a one-rank mesh's full_tensor is the shard itself
     return out
+
+
+def _max_over_ranks(value: float) -> float:
+    """The largest value any rank saw (under pp each rank compares its own stages' parameters)."""
+    t = torch.tensor(value, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def _local_bytes(tensors) -> int:
     total = 0
     for t in tensors:
+        if t is None:  # the gradient of another pipeline stage's parameter
+            continue
         local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total
@@ -79,8 +90,12 @@ def _grad_rel_diff(grads: dict[str, torch.Tensor], ref: torch.nn.Module) -> floa
         own = g.abs().max().item()
         return own if own >= 1e-6 * top else 1e-3 * top
 
-    return max(((grads[k] - p.grad).abs().max() / scale(p.grad)).item()
-               for k, p in ref.named_parameters() if p.grad is not None)
+    diffs = {k: ((grads[k] - p.grad).abs().max() / scale(p.grad)).item()
+             for k, p in ref.named_parameters() if p.grad is not None and k in grads}
+    import os
+    if os.environ.get("MOPC_PARITY_DEBUG"):
+        print(dist.get_rank(), sorted(diffs.items(), key=lambda kv: -kv[1])[:5], flush=True)
+    return max(diffs.values())
 
 
 def _biases(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -106,7 +121,8 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
     mopc.runtime.compression.reset_compression_state()  # this configuration's compressed reductions only
     options = dict(options)
     skew = options.pop("skew", False)
-    config = dataclasses.replace(PRESETS["tiny"], top_k=options.pop("topk", PRESETS["tiny"].top_k))
+    config = dataclasses.replace(PRESETS["tiny"], top_k=options.pop("topk", PRESETS["tiny"].top_k),
+                                 num_layers=options.pop("layers", PRESETS["tiny"].num_layers))
     ref = build_model(config, device="cpu", seed=0)
     model = build_model(config, device="meta", seed=0)
     biased_wo = options.pop("biased_wo", False)
@@ -118,14 +134,15 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
             model.layers[0].attention.wo = torch.nn.Linear(config.dim, config.dim, bias=True)
     vocab = ref.config.vocab_size
     # context parallelism: the cp ranks of a group read the same sequences, each its two chunks
-    cp, tp = options.get("cp", 1), options.get("tp", 1)
-    index, owners = (rank // (tp * cp)) * tp + rank % tp, world // cp
+    cp, tp, pp = options.get("cp", 1), options.get("tp", 1), options.get("pp", 1)
+    stage_rank = rank % (world // pp)  # the ranks of a pipeline read the same rows
+    index, owners = (stage_rank // (tp * cp)) * tp + stage_rank % tp, world // pp // cp
     global_batch = owners * PER_RANK
     cut = mopc.runtime.context_parallel.shard_sequence
 
     def mine(batch):
         rows = {k: v[index * PER_RANK:(index + 1) * PER_RANK] for k, v in batch.items()}
-        return {k: cut(v, cp, (rank // tp) % cp) for k, v in rows.items()} if cp > 1 else rows
+        return {k: cut(v, cp, (stage_rank // tp) % cp) for k, v in rows.items()} if cp > 1 else rows
 
     model = mopc.parallelize(model, mine(synthetic_batch(0, global_batch, SEQ, vocab)),
                              init_fn=make_init_fn(model, 0), **options)
@@ -139,8 +156,8 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         hot = 2 if skew is True else int(skew)
         _skew(ref, hot)
         _skew(model, hot)
-    init_diff = max((a - b).abs().max().item()
-                    for a, b in zip(full_parameters(model).values(), full_parameters(ref).values()))
+    ref_params = full_parameters(ref)
+    init_diff = _max_over_ranks(max((v - ref_params[k]).abs().max().item() for k, v in full_parameters(model).items()))
     opt = mopc.optim.HostAdamW(model.parameters(), lr=LR) if host_adamw else torch.optim.AdamW(model.parameters(), lr=LR)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
     rate = options.get("expert_bias_update_rate", 0.0)
@@ -156,7 +173,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
             grads = _full_grads(model)
         # HostAdamW: no clipping, so the updates started in backward are the ones used
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]) \
-            if host_adamw else torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if host_adamw else mopc.clip_grad_norm_(model, 1.0)
         norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
         opt.step()
         if step == steps - 1:
@@ -168,7 +185,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         ref_loss = ref(**batch)
         ref_loss.backward()
         if step == 0:
-            grad_diff = _grad_rel_diff(grads, ref)
+            grad_diff = _max_over_ranks(_grad_rel_diff(grads, ref))
         ref_norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()]) if host_adamw
                                else torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)))
         ref_opt.step()
@@ -179,7 +196,8 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         ref_losses.append(ref_loss.item())
     bias_diff = max(((a - b).abs().max().item() for a, b in zip(_biases(model), _biases(ref))), default=0.0)
     final = full_parameters(model)
-    param_diff = max((final[k] - v).abs().max().item() for k, v in full_parameters(ref).items())
+    ref_final = full_parameters(ref)
+    param_diff = _max_over_ranks(max((v - ref_final[k]).abs().max().item() for k, v in final.items()))
     stats = torch.tensor([
         _local_bytes(model.parameters()), grad_bytes,
         _local_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0),

@@ -1,4 +1,8 @@
-"""The device mesh of a run: world = dp × cp × tp, validated before anything is allocated.
+"""The device mesh of a run: world = pp × dp × cp × tp, validated before anything is allocated.
+
+Under pipeline parallelism (`pp > 1`) each stage is held by world / pp consecutive ranks
+(the pipeline rank varies slowest), and everything below describes one stage's ranks:
+`MeshSpec.world_size` counts them, and the world group is that stage's group.
 
 Ranks are laid out row-major over `(dp, cp, tp)`: the tensor-parallel rank varies fastest,
 so a tensor-parallel group is `tp` consecutive ranks (on GPUs, the ranks of one node), and
@@ -33,10 +37,25 @@ class MeshSpec:
     parallel); `cp` divides it."""
 
     world_size: int
+    """Ranks of one pipeline stage (all ranks when pp == 1): the ranks parameters are sharded over."""
     dp: int
     tp: int
     ep: int = 1
     cp: int = 1
+    pp: int = 1
+
+    @property
+    def total_ranks(self) -> int:
+        """Every rank of the run: pp stages of `world_size` ranks."""
+        return self.world_size * self.pp
+
+    def stage_rank(self, rank: int) -> int:
+        """A global rank's rank inside its pipeline stage."""
+        return rank % self.world_size
+
+    def pipeline_rank(self, rank: int) -> int:
+        """A global rank's pipeline rank (which stage, or first stage, it holds)."""
+        return rank // self.world_size
 
     @property
     def data_parallel(self) -> int:
@@ -45,33 +64,45 @@ class MeshSpec:
 
     @staticmethod
     def from_config(config: MoPConfig, world_size: int) -> MeshSpec:
-        """Check `tp` and `dp` against the world size; errors name the option and the fix."""
+        """Check `pp`, `tp`, `cp` and `dp` against the world size; errors name the option and the fix."""
+        pp = config.pp
+        if world_size % pp:
+            raise MoPConfigError(
+                f"mop option pp={pp} does not divide the world size {world_size}; choose pp from "
+                f"{_divisors(world_size)} or launch a multiple of {pp} ranks"
+            )
+        return MeshSpec._within_stage(config, world_size // pp, world_size)
+
+    @staticmethod
+    def _within_stage(config: MoPConfig, world_size: int, total: int) -> MeshSpec:
+        pp = config.pp
+        where = f"the world size {total} / pp={pp} = {world_size}" if pp > 1 else f"the world size {world_size}"
         tp = config.tp
         if world_size % tp:
             raise MoPConfigError(
-                f"mop option tp={tp} does not divide the world size {world_size}; choose tp from "
+                f"mop option tp={tp} does not divide {where}; choose tp from "
                 f"{_divisors(world_size)} or launch a multiple of {tp} ranks"
             )
         cp = config.cp
         if (world_size // tp) % cp:
             raise MoPConfigError(
-                f"mop option cp={cp} does not divide the world size {world_size} / tp={tp} = {world_size // tp}; "
+                f"mop option cp={cp} does not divide {where} / tp={tp} = {world_size // tp}; "
                 f"choose cp from {_divisors(world_size // tp)} or launch a multiple of {tp * cp} ranks"
             )
         dp = config.dp if config.dp is not None else world_size // (tp * cp)
         if dp * cp * tp != world_size:
             shown = f"dp={dp} x cp={cp} x tp={tp}" if cp > 1 else f"dp={dp} x tp={tp}"
             raise MoPConfigError(
-                f"mop options {shown} = {dp * cp * tp} ranks, but the world size is {world_size}; "
+                f"mop options {shown} = {dp * cp * tp} ranks, but {where}; "
                 f"set dp={world_size // (tp * cp)} (or leave dp unset) or launch {dp * cp * tp} ranks"
             )
         ep = config.ep
         if world_size % ep:
             raise MoPConfigError(
-                f"mop option ep={ep} does not divide the world size {world_size}; choose ep from "
+                f"mop option ep={ep} does not divide {where}; choose ep from "
                 f"{_divisors(world_size)} or launch a multiple of {ep} ranks"
             )
-        return MeshSpec(world_size=world_size, dp=dp * cp, tp=tp, ep=ep, cp=cp)
+        return MeshSpec(world_size=world_size, dp=dp * cp, tp=tp, ep=ep, cp=cp, pp=pp)
 
 
 def _divisors(n: int) -> list[int]:
@@ -94,6 +125,8 @@ class Meshes:
     """The ranks holding the same experts as this one (world / ep of them, strided)."""
     cp_group: str | None
     """The `cp` ranks holding chunks of this rank's sequences (None when cp == 1)."""
+    pp_group: str | None
+    """The `pp` ranks holding the pipeline stages of this rank's data (None when pp == 1)."""
     default_group: object  # the default process group these were made under
 
 
@@ -114,23 +147,30 @@ def device_type() -> str:
 
 
 def build_meshes(spec: MeshSpec) -> Meshes:
-    """Create (once) the 1-D world mesh and the (dp, tp) mesh with their groups."""
+    """Create (once) the 1-D world mesh and the (dp, tp) mesh with their groups (per pipeline
+    stage: each mesh has a leading `pp` dimension, and this rank's groups are its stage's)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     key = (spec, device_type())
     cached = _MESHES.get(key)
     if cached is None or cached.default_group is not dist.group.WORLD:  # re-initialised since
-        world = init_device_mesh(device_type(), (spec.world_size,), mesh_dim_names=("world",))
-        grid = init_device_mesh(device_type(), (spec.dp, spec.tp), mesh_dim_names=("dp", "tp"))
-        experts = init_device_mesh(device_type(), (spec.world_size // spec.ep, spec.ep),
-                                   mesh_dim_names=("edp", "ep"))
+        def mesh(shape: tuple[int, ...], names: tuple[str, ...]):
+            if spec.pp == 1:
+                return init_device_mesh(device_type(), shape, mesh_dim_names=names)
+            return init_device_mesh(device_type(), (spec.pp, *shape), mesh_dim_names=("pp", *names))
+
+        world2 = mesh((spec.world_size,), ("world",))
+        world = world2["world"] if spec.pp > 1 else world2
+        grid = mesh((spec.dp, spec.tp), ("dp", "tp"))
+        grid = grid["dp", "tp"] if spec.pp > 1 else grid
+        experts = mesh((spec.world_size // spec.ep, spec.ep), ("edp", "ep"))
         cp_group = None
         if spec.cp > 1:
-            context = init_device_mesh(device_type(), (spec.data_parallel, spec.cp, spec.tp),
-                                       mesh_dim_names=("sdp", "cp", "tp"))
+            context = mesh((spec.data_parallel, spec.cp, spec.tp), ("sdp", "cp", "tp"))
             cp_group = context.get_group("cp").group_name
         _MESHES[key] = Meshes(
             spec=spec, world=world, grid=grid,
+            pp_group=world2.get_group("pp").group_name if spec.pp > 1 else None,
             world_group=world.get_group("world").group_name,
             dp_group=grid.get_group("dp").group_name,
             tp_group=grid.get_group("tp").group_name,

@@ -244,14 +244,15 @@ def shard_module_params(
     rank: int,
     world_mesh,
     group_name: str,
-    full_value: Callable[[str, torch.Tensor], torch.Tensor],
+    full_value: Callable[[str, torch.Tensor], torch.Tensor | None],
     device: torch.device,
     precision: MixedPrecision | None = None,
 ) -> None:
     """Replace each parameter of `layouts` by its shard (a DTensor parameter) in place.
 
     `full_value(fqn, param)` returns the full values of one parameter (the parameter
-    itself for a materialised model, or a freshly initialised tensor for a `meta` model);
+    itself for a materialised model, or a freshly initialised tensor for a `meta` model),
+    or None for a parameter another pipeline stage holds (its shard here is empty);
     only one full parameter exists at a time. Tied parameters are sharded once.
     `precision` (mixed precision): floating-point shards are kept in its `master` dtype,
     gathered in its `param` dtype and their gradients reduced in its `reduce` dtype.
@@ -272,11 +273,16 @@ def shard_module_params(
                     continue
                 full = full_value(fqn, param)
                 dtype = precision.master if precision and param.is_floating_point() else param.dtype
-                local = local_shard(full.to(device=device, dtype=dtype), layout, rank)
+                remote = full is None  # held by another pipeline stage: an empty shard keeps the module traceable
+                if remote:
+                    local = torch.empty((0, *layout.shape[1:]), dtype=dtype, device=device)
+                else:
+                    local = local_shard(full.to(device=device, dtype=dtype), layout, rank)
                 del full
                 dt = DTensor.from_local(local, world_mesh, [Shard(0)], run_check=False)
                 new = nn.Parameter(dt, requires_grad=param.requires_grad)
                 new._mopc_layout = layout  # type: ignore[attr-defined]
+                new._mopc_remote = remote  # type: ignore[attr-defined]  # another pipeline stage's
                 done[key] = new
             new = done[key]
             per_module.setdefault(module, {})[name] = (new, new._mopc_layout)  # type: ignore[attr-defined]
@@ -294,10 +300,13 @@ def shard_module_params(
 @torch.no_grad()
 def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's full value by name (a copy). On a parallelized model this is a
-    collective: reading a sharded attribute all-gathers it, so every rank must call it."""
+    collective: reading a sharded attribute all-gathers it, so every rank must call it.
+    Under pipeline parallelism: the parameters of this rank's stages only."""
     wait_all_updates()
     out = {}
-    for fqn, _ in model.named_parameters():
+    for fqn, param in model.named_parameters():
+        if getattr(param, "_mopc_remote", False):
+            continue
         owner, _, name = fqn.rpartition(".")
         out[fqn] = getattr(model.get_submodule(owner) if owner else model, name).detach().clone()
     return out
