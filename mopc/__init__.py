@@ -13,13 +13,20 @@ from mopc import logs
 from mopc.analysis import Analysis, analyze
 from mopc.backend import mop
 from mopc.config import MoPConfig, MoPConfigError
-from mopc.parallelize import clip_grad_norm_, data_parallel_rank, parallelize, plan_of, shard_sequence
+from mopc.parallelize import (
+    clip_grad_norm_,
+    data_parallel_rank,
+    parallelize,
+    plan_of,
+    shard_sequence,
+)
 from mopc.runtime.compression import compression_stats
 from mopc.runtime.experts import expert_load_stats
 from mopc.runtime.guard import CollectiveError, InputMismatchError, NonFiniteError
+from mopc.runtime.pipeline_step import pipeline_stats
 
 __all__ = ["Analysis", "CollectiveError", "InputMismatchError", "MoPConfig", "MoPConfigError", "NonFiniteError", "analyze",
-           "clip_grad_norm_", "compression_stats", "data_parallel_rank", "expert_load_stats", "mop", "parallelize", "plan_of",
+           "clip_grad_norm_", "compression_stats", "data_parallel_rank", "expert_load_stats", "mop", "parallelize", "pipeline_stats", "plan_of",
            "shard_sequence"]
 __version__ = "0.1.0"
 

@@ -206,6 +206,8 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
     dist.all_gather(per_rank, stats)
     full_bytes = sum(p.numel() * p.element_size() for p in ref.parameters())
     sd = model.state_dict()
+    pipeline = [None] * world  # per rank: its stages, most micro-batches in flight, bubble fraction
+    dist.all_gather_object(pipeline, mopc.pipeline_stats() if pp > 1 else None)
     return {
         "options": options, "world": world, "losses": losses, "ref_losses": ref_losses,
         "grad_norms": norms, "ref_grad_norms": ref_norms, "init_diff": init_diff, "first_step_grad_rel_diff": grad_diff,
@@ -223,6 +225,7 @@ def run(options: dict, steps: int, dump_dir: str | None) -> dict:
         "expert_load": {str(k): v for k, v in mopc.expert_load_stats().items()},
         "compression": mopc.compression_stats(),
         "host_adamw": opt.overlap_stats() if host_adamw else None,
+        "pipeline": pipeline,
     }
 
 

@@ -77,30 +77,32 @@ class MeshSpec:
     def _within_stage(config: MoPConfig, world_size: int, total: int) -> MeshSpec:
         pp = config.pp
         where = f"the world size {total} / pp={pp} = {world_size}" if pp > 1 else f"the world size {world_size}"
+        stage_ranks = (f"a pipeline stage has {total} / pp={pp} = {world_size} ranks" if pp > 1
+                       else f"the world size is {world_size}")
         tp = config.tp
         if world_size % tp:
             raise MoPConfigError(
                 f"mop option tp={tp} does not divide {where}; choose tp from "
-                f"{_divisors(world_size)} or launch a multiple of {tp} ranks"
+                f"{_divisors(world_size)} or launch a multiple of {tp * pp} ranks"
             )
         cp = config.cp
         if (world_size // tp) % cp:
             raise MoPConfigError(
                 f"mop option cp={cp} does not divide {where} / tp={tp} = {world_size // tp}; "
-                f"choose cp from {_divisors(world_size // tp)} or launch a multiple of {tp * cp} ranks"
+                f"choose cp from {_divisors(world_size // tp)} or launch a multiple of {tp * cp * pp} ranks"
             )
         dp = config.dp if config.dp is not None else world_size // (tp * cp)
         if dp * cp * tp != world_size:
             shown = f"dp={dp} x cp={cp} x tp={tp}" if cp > 1 else f"dp={dp} x tp={tp}"
             raise MoPConfigError(
-                f"mop options {shown} = {dp * cp * tp} ranks, but {where}; "
-                f"set dp={world_size // (tp * cp)} (or leave dp unset) or launch {dp * cp * tp} ranks"
+                f"mop options {shown} = {dp * cp * tp} ranks, but {stage_ranks}; "
+                f"set dp={world_size // (tp * cp)} (or leave dp unset) or launch {dp * cp * tp * pp} ranks"
             )
         ep = config.ep
         if world_size % ep:
             raise MoPConfigError(
                 f"mop option ep={ep} does not divide {where}; choose ep from "
-                f"{_divisors(world_size)} or launch a multiple of {ep} ranks"
+                f"{_divisors(world_size)} or launch a multiple of {ep * pp} ranks"
             )
         return MeshSpec(world_size=world_size, dp=dp * cp, tp=tp, ep=ep, cp=cp, pp=pp)
 

@@ -32,10 +32,12 @@ class PipelineStep:
 
     def __init__(self, gm: GraphModule, example_inputs: Sequence[Any], config: MoPConfig,
                  compile_stage: Callable[[GraphModule, list[Any]], Callable], data_inputs: Sequence[bool]) -> None:
+        from torch._guards import detect_fake_mode
+
         from mopc.passes.rewrite.pipeline_split import node_layer, split_stages
-        from mopc.plan.mesh import MeshSpec, build_meshes
+        from mopc.plan.mesh import MeshSpec, build_meshes, rank_device
         from mopc.plan.stages import StagePlan
-        from mopc.runtime.pipeline import Stage, TensorMeta, stage_rank
+        from mopc.runtime.pipeline import Stage, stage_rank
 
         self.config = config
         spec = MeshSpec.from_config(config, dist.get_world_size())
@@ -46,7 +48,12 @@ class PipelineStep:
         self.data_inputs = list(data_inputs)
         num_layers = 1 + max((node_layer(n) or 0) for n in gm.graph.nodes)
         plan = StagePlan(config.pp * config.pp_virtual, (0, *config.pp_split), num_layers)
-        m = self.microbatches
+        m, device = self.microbatches, rank_device()
+        # Inputs Dynamo never saw (a micro-batch slice, a received activation) would be given
+        # symbolic sizes by AOTAutograd under Dynamo's shape environment: hand it static fakes.
+        fake_mode = detect_fake_mode(example_inputs)
+        static = (lambda t: fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t) \
+            if fake_mode is not None else (lambda t: t)
         start = time.perf_counter()
         graphs = split_stages(gm, plan.stage_of_layer, plan.num_stages)
         self.stages: list[Stage] = []
@@ -56,15 +63,16 @@ class PipelineStep:
                 continue
             received = tuple(_meta(n) for n in sg.received)
             sent = tuple(_meta(n) for n in sg.sent)
-            example = [self._micro(example_inputs[i], i, 0) for i in sg.inputs]
-            example += [torch.empty(t.shape, dtype=t.dtype).requires_grad_(t.requires_grad) for t in received]
+            example = [static(self._micro(example_inputs[i], i, 0)) if self.data_inputs[i] else example_inputs[i]
+                       for i in sg.inputs]
+            example += [static(torch.empty(t.shape, dtype=t.dtype, device=device)).requires_grad_(t.requires_grad)
+                        for t in received]
             fn = compile_stage(sg.gm, example)
             self.stages.append(Stage(index=sg.index, run=self._runner(fn, sg.inputs), inputs=received,
                                      outputs=sent))
         log.info("mop: pipeline rank %d compiled stage(s) %s in %.1f s (%d micro-batches, schedule %s)",
                  self.pp_rank, [s.index for s in self.stages], time.perf_counter() - start, m, config.schedule)
         self._args: Sequence[Any] = ()
-        self.last_result = None
 
     def _micro(self, value: Any, index: int, mb: int) -> Any:
         if not self.data_inputs[index] or not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -79,7 +87,7 @@ class PipelineStep:
         return run
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
-        from mopc.runtime.pipeline import run_pipeline
+        from mopc.runtime.pipeline import mean_loss, run_pipeline
 
         self._args = args
         try:
@@ -89,14 +97,33 @@ class PipelineStep:
                                       virtual=self.config.pp_virtual, loss_scale=1.0 / self.microbatches)
         finally:
             self._args = ()
-        self.last_result = result
-        if result.losses:
-            loss = torch.stack([x.detach().float() for x in result.losses]).mean()
-        else:
-            loss = torch.zeros((), dtype=torch.float32)
-        last = dist.get_global_rank(self.group, self.pp - 1)  # the last stage is on the last pipeline rank
-        dist.broadcast(loss, src=last, group=self.group)
+        loss = mean_loss(result, pp=self.pp, group=self.group).float()
+        _record(self, result)
         return [loss.requires_grad_()]  # a leaf: the user's loss.backward() finds nothing left to do
+
+
+_LAST: dict[str, Any] = {}
+
+
+def _record(step: PipelineStep, result) -> None:
+    busy = sum(t.end - t.start - t.wait for t in result.timeline)
+    span = (max(t.end for t in result.timeline) - min(t.start for t in result.timeline)) if result.timeline else 0.0
+    _LAST.clear()
+    _LAST.update({
+        "schedule": step.config.schedule, "pp": step.pp, "pp_rank": step.pp_rank,
+        "microbatches": step.microbatches, "virtual": step.config.pp_virtual,
+        "stages": [s.index for s in step.stages],
+        "max_in_flight": {str(k): v for k, v in result.max_in_flight.items()},
+        "step_s": span, "busy_s": busy, "bubble_fraction": result.bubble_fraction(),
+        "actions": len(result.timeline),
+    })
+
+
+def pipeline_stats() -> dict[str, Any]:
+    """This rank's last pipeline step: schedule, its stages, the most micro-batches in flight
+    per stage, seconds computing (`busy_s`) against the step's span (`step_s`), and the bubble
+    fraction 1 - busy / span (time waiting for a neighbour). Empty before the first step."""
+    return dict(_LAST)
 
 
 def _resolve(name: str | None) -> dist.ProcessGroup:
@@ -106,7 +133,7 @@ def _resolve(name: str | None) -> dist.ProcessGroup:
     return resolve_group(name)
 
 
-def _meta(node):  # noqa: ANN001 - fx.Node
+def _meta(node):
     """Shape, dtype and requires_grad of a value crossing a stage boundary (the graph was
     traced on one micro-batch, see `pipelined_forward`)."""
     from mopc.runtime.pipeline import TensorMeta
@@ -137,7 +164,7 @@ def pipelined_forward(forward: Callable) -> Callable:
     import functools
 
     @functools.wraps(forward)
-    def run(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
+    def run(self, *args: Any, **kwargs: Any) -> Any:
         m = self._mopc_microbatches
         args = tuple(first_microbatch(a, m) for a in args)  # a batch that does not split: that error first
         kwargs = {k: first_microbatch(v, m) for k, v in kwargs.items()}

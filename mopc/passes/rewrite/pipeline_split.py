@@ -61,7 +61,7 @@ def node_layer(node: Node) -> int | None:
     return None
 
 
-def assign_stages(gm: GraphModule, stage_of_layer) -> tuple[dict[Node, int], dict[Node, set[int]]]:  # noqa: ANN001
+def assign_stages(gm: GraphModule, stage_of_layer) -> tuple[dict[Node, int], dict[Node, set[int]]]:
     """(stage of every non-replicated node, stages of every replicated node)."""
     fixed: dict[Node, int] = {}
     free: set[Node] = set()
@@ -98,7 +98,7 @@ def assign_stages(gm: GraphModule, stage_of_layer) -> tuple[dict[Node, int], dic
     return fixed, copies
 
 
-def split_stages(gm: GraphModule, stage_of_layer, num_stages: int) -> list[StageGraph]:  # noqa: ANN001
+def split_stages(gm: GraphModule, stage_of_layer, num_stages: int) -> list[StageGraph]:
     """Cut `gm` into `num_stages` stage graphs (see the module docstring)."""
     fixed, copies = assign_stages(gm, stage_of_layer)
     used = set(fixed.values())
