@@ -293,6 +293,18 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _refuse_pipeline(model: nn.Module, what: str) -> None:
+    """Pipeline stages hold disjoint parameters: the canonical layout here has every rank
+    hold a piece of every tensor, which a pipeline rank does not (not written yet)."""
+    from mopc.parallelize import plan_of
+
+    plan = plan_of(_unwrap(model))
+    if plan is not None and plan.spec.pp > 1:
+        raise NotImplementedError(
+            f"mopc.checkpoint.{what}: this model was parallelized with pp={plan.spec.pp}, and checkpoints of "
+            "pipeline-parallel layouts are not written yet; train without pp where the run needs checkpoints")
+
+
 def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
          step: int, extra: dict[str, Any] | None = None, storage_writer: Any = None) -> Path:
     """Save `model` (parallelized or not) and `optimizer` as step `step` under `path`.
@@ -302,6 +314,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     `storage_writer` replaces DCP's `FileSystemWriter` (it must write to the staging path
     it is given via `checkpoint_id`).
     """
+    _refuse_pipeline(model, "save")
     rank, world = _world()
     root = Path(path)
     final = _step_dir(root, step)
@@ -405,6 +418,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     The model must have the same parameters (names and shapes) as the one saved; the
     optimizer the same kind, over the same parameters.
     """
+    _refuse_pipeline(model, "load")
     step_dir = _resolve(path)
     saved = _saved_shapes(step_dir)
     meta = _read_meta(step_dir)
