@@ -261,7 +261,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{report['world_size']} rank(s), global batch [{settings.batch}, {settings.seq_len}]"
               + (f", routing skewed to experts 0..{settings.skew_experts - 1}" if settings.skew_experts else ""))
         layout = report["layout"]
-        print(f"layout dp {layout['dp']} x cp {layout['cp']} x tp {layout['tp']}, ep {layout['ep']}; "
+        pipeline = f"pp {layout['pp']} x " if layout.get("pp", 1) > 1 else ""
+        print(f"layout {pipeline}dp {layout['dp']} x cp {layout['cp']} x tp {layout['tp']}, ep {layout['ep']}; "
               f"each rank holds [{', '.join(map(str, report['rank_batch_shape']))}] tokens"
               + (f" (two of the {2 * layout['cp']} chunks of each sequence)" if layout["cp"] > 1 else ""))
         print(format_table(report))

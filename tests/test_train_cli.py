@@ -148,9 +148,44 @@ def test_context_parallel_two_ranks_matches_eager(tmp_path, monkeypatch):
     assert main(["train", "--backend", "eager", "--json", str(tmp_path / "eager.json"), *common]) == 0
     assert main(["train", "--nproc", "2", "--cp", "2", "--json", str(tmp_path / "cp.json"), *common]) == 0
     eager, cp = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "cp"))
-    assert cp["layout"] == {"dp": 1, "cp": 2, "tp": 1, "ep": 1} and cp["rank_batch_shape"] == [2, 8]
+    assert cp["layout"] == {"dp": 1, "cp": 2, "tp": 1, "ep": 1, "pp": 1} and cp["rank_batch_shape"] == [2, 8]
     assert eager["layout"]["cp"] == 1 and eager["rank_batch_shape"] == [2, 16]
     assert cp["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+
+
+def test_pipeline_settings_errors_name_flag_value_and_fix():
+    """`--pp` is checked before torchrun starts a rank: the pipeline's rows cut into
+    micro-batches, no checkpoints, and the mesh against the world."""
+    tiny = {"model": "tiny", "seq_len": 16}
+    with pytest.raises(TrainSettingsError, match=r"--batch 6: each pipeline reads 3 rows per step .* do not cut "
+                                                 r"into 2 micro-batches; use --batch 8"):
+        TrainSettings(batch=6, mop_options={"pp": 2, "microbatches": 2}, **tiny).validate(4)
+    with pytest.raises(TrainSettingsError, match=r"--save/--resume with --pp 2: .* not written yet"):
+        TrainSettings(batch=4, save_dir="ckpt", mop_options={"pp": 2, "microbatches": 2}, **tiny).validate(2)
+    with pytest.raises(TrainSettingsError, match=r"pp=3 does not divide the world size 4"):
+        TrainSettings(batch=4, mop_options={"pp": 3, "microbatches": 4}, **tiny).validate(4)
+    with pytest.raises(SystemExit, match=r"microbatches=1 < pp=2"):
+        main(["train", "--nproc", "2", "--pp", "2", "--microbatches", "1", "--batch", "2"])  # no rank started
+    settings = TrainSettings(batch=4, mop_options={"pp": 2, "microbatches": 2}, **tiny)
+    settings.validate(4)  # 2 pipelines of 2 stages, 2 rows each
+    assert settings.data_ranks(4) == 2
+
+
+@pytest.mark.large  # two ranks compiling two stages; the pp parity runs in tests/test_pipeline_mp.py
+@pytest.mark.multiprocess
+def test_pipeline_two_ranks_matches_eager(tmp_path, monkeypatch):
+    """`mopc train --nproc 2 --pp 2`: both ranks read the whole batch; the step's loss and the
+    bytes the schedule sent are reported."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = ["--model", "tiny", "--steps", "2", "--batch", "4", "--seq-len", "16", "--quiet"]
+    assert main(["train", "--backend", "eager", "--json", str(tmp_path / "eager.json"), *common]) == 0
+    assert main(["train", "--nproc", "2", "--pp", "2", "--microbatches", "2", "--json", str(tmp_path / "pp.json"),
+                 *common]) == 0
+    eager, pp = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("eager", "pp"))
+    assert pp["layout"] == {"dp": 1, "cp": 1, "tp": 1, "ep": 1, "pp": 2} and pp["rank_batch_shape"] == [4, 16]
+    assert pp["losses"] == pytest.approx(eager["losses"], rel=1e-5)
+    # 2 micro-batches of [2, 16, 64] fp32 activations one way, their gradients the other
+    assert pp["comm_by_kind_last_step"]["send"]["bytes_sent"] == 2 * 2 * 16 * 64 * 4
 
 
 @pytest.mark.multiprocess

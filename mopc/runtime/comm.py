@@ -192,7 +192,7 @@ class CommCounter:
 
 
 def mesh_axes() -> dict[str, str]:
-    """Process-group name -> mesh axis (`world`, `dp`, `tp`, `cp`, `ep`, `edp`) of every mesh mopc built.
+    """Process-group name -> mesh axis (`world`, `dp`, `tp`, `cp`, `ep`, `edp`, `pp`) of every mesh mopc built.
 
     A group that is several axes at once (with ep=1 the expert-data-parallel group is the
     world) takes the most general name: world, then dp, tp, cp, ep, edp."""
@@ -200,7 +200,7 @@ def mesh_axes() -> dict[str, str]:
 
     axes: dict[str, str] = {}
     for meshes in _MESHES.values():
-        for axis in ("edp", "ep", "cp", "tp", "dp", "world"):
+        for axis in ("edp", "ep", "cp", "tp", "dp", "world", "pp"):
             group = getattr(meshes, f"{axis}_group")
             if group is not None:
                 axes[group] = axis

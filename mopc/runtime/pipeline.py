@@ -97,6 +97,10 @@ class PipelineResult:
     timeline: list[ActionTiming]
     max_in_flight: dict[int, int]
     """Per local stage: the most micro-batches whose F ran and whose B had not."""
+    bytes_sent: tuple[int, int] = (0, 0)
+    """Bytes this rank sent to other pipeline ranks: (activations, gradients)."""
+    messages_sent: int = 0
+    """Point-to-point sends to other pipeline ranks."""
 
     def bubble_fraction(self) -> float:
         """1 - (time computing) / (first start to last end); waiting to receive is bubble."""
@@ -297,6 +301,8 @@ class _Channel:
         self.group = group
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.mailbox: dict[tuple[int, int, int, int], torch.Tensor] = {}
+        self.bytes_sent = [0, 0]  # to other ranks: activations, gradients
+        self.messages_sent = 0
 
     def _global(self, stage: int) -> int:
         rank = stage_rank(stage, self.pp)
@@ -313,6 +319,8 @@ class _Channel:
         tag = _tag(*key, self.num_stages)
         work = dist.isend(data, dst=self._global(to_stage), group=self.group, tag=tag)
         self.pending.append((work, data))  # the buffer must outlive the send
+        self.bytes_sent[direction] += data.numel() * data.element_size()
+        self.messages_sent += 1
 
     def recv(self, meta: TensorMeta, *, from_stage: int, direction: int, boundary: int, microbatch: int,
              index: int) -> tuple[torch.Tensor, float]:
@@ -483,7 +491,8 @@ def run_pipeline(stages: list[Stage], *, pp: int, pp_rank: int, group: dist.Proc
     channel.drain()  # not on an error: a send to a dead peer would hang here
     log.debug("pipeline rank %d: %s, %d actions, bubble %.3f", pp_rank, schedule, len(timeline),
               PipelineResult([], timeline, peak).bubble_fraction())
-    return PipelineResult([losses[m] for m in sorted(losses)], timeline, peak)
+    return PipelineResult([losses[m] for m in sorted(losses)], timeline, peak, tuple(channel.bytes_sent),
+                          channel.messages_sent)
 
 
 def mean_loss(result: PipelineResult, *, pp: int, group: dist.ProcessGroup | None,

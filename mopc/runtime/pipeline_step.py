@@ -116,13 +116,16 @@ def _record(step: PipelineStep, result) -> None:
         "max_in_flight": {str(k): v for k, v in result.max_in_flight.items()},
         "step_s": span, "busy_s": busy, "bubble_fraction": result.bubble_fraction(),
         "actions": len(result.timeline),
+        "p2p_bytes_sent": {"activations": result.bytes_sent[0], "gradients": result.bytes_sent[1]},
+        "p2p_messages_sent": result.messages_sent,
     })
 
 
 def pipeline_stats() -> dict[str, Any]:
     """This rank's last pipeline step: schedule, its stages, the most micro-batches in flight
-    per stage, seconds computing (`busy_s`) against the step's span (`step_s`), and the bubble
-    fraction 1 - busy / span (time waiting for a neighbour). Empty before the first step."""
+    per stage, seconds computing (`busy_s`) against the step's span (`step_s`), the bubble
+    fraction 1 - busy / span (time waiting for a neighbour), and the bytes sent point to point
+    (activations forward, gradients back). Empty before the first step."""
     return dict(_LAST)
 
 

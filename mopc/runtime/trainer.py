@@ -176,12 +176,19 @@ class TrainSettings:
     def tp(self) -> int:
         return self.mop_options.get("tp", 1)
 
+    @property
+    def pp(self) -> int:
+        """The pipeline-parallel degree (1 unless `--pp` was given)."""
+        pp = self.mop_options.get("pp", 1)
+        return pp if isinstance(pp, int) and pp >= 1 else 1
+
     def validate(self, world: int) -> None:
         """Errors name the flag and what to change. Runs before any allocation or collective."""
         if self.steps < 1:
             raise TrainSettingsError(f"--steps {self.steps}: train at least one step")
         self._validate_context_parallel(world)
         self._validate_batch(world)
+        self._validate_pipeline(world)
         if self.backend not in ("mop", "eager"):
             raise TrainSettingsError(f"--backend {self.backend!r}: choose mop or eager")
         if self.baseline is not None and self.baseline not in ("fsdp2", "ddp"):
@@ -253,8 +260,32 @@ class TrainSettings:
                 f"into 2*cp equal chunks and each rank of a context-parallel group holds two; use {fix}")
 
     def data_ranks(self, world: int) -> int:
-        """Ranks that read different sequences: the world size, divided by `cp` when it divides."""
-        return world // self.cp if self.program == "mop" and world % self.cp == 0 else world
+        """Ranks that read different sequences: the world size, divided by `pp` and `cp` when
+        they divide (the ranks of a pipeline, and of a context-parallel group, read the same rows)."""
+        if self.program != "mop" or world % (self.pp * self.cp):
+            return world
+        return world // (self.pp * self.cp)
+
+    def _validate_pipeline(self, world: int) -> None:
+        """`--pp`: each rank's rows cut into `--microbatches`; no checkpoints yet."""
+        if self.pp == 1 or self.program != "mop" or world % (self.pp * self.cp):
+            return
+        from mopc.config import MoPConfig, MoPConfigError
+
+        try:
+            micro = MoPConfig.from_options(self.mop_options).num_microbatches
+        except MoPConfigError as err:
+            raise TrainSettingsError(str(err)) from None
+        rows = self.batch // self.data_ranks(world)
+        if rows % micro:
+            fix = self.data_ranks(world) * micro * max(1, -(-rows // micro))
+            raise TrainSettingsError(
+                f"--batch {self.batch}: each pipeline reads {rows} rows per step (batch / (world {world} / pp "
+                f"{self.pp}{f' / cp {self.cp}' if self.cp > 1 else ''})), which do not cut into {micro} "
+                f"micro-batches; use --batch {fix} or --microbatches dividing {rows}")
+        if self.save_dir or self.resume:
+            raise TrainSettingsError(f"--save/--resume with --pp {self.pp}: checkpoints of pipeline-parallel "
+                                     "layouts are not written yet; drop --pp or the checkpoint flags")
 
     def _validate_batch(self, world: int) -> None:
         readers = self.data_ranks(world)
@@ -365,8 +396,10 @@ def _build_mop(settings: TrainSettings, rank: int, world: int) -> Program:
     # this rank's part of every global batch (its rows; under cp, its chunks of each sequence),
     # by the arithmetic of mopc.data_parallel_rank / mopc.shard_sequence (runtime.context_parallel)
     def batches(step: int) -> dict[str, torch.Tensor]:
-        return rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank, world,
-                          cp=settings.cp, tp=settings.tp)
+        # the ranks of a pipeline read the same rows: the arithmetic is over one stage's ranks
+        stage_world = world // settings.pp
+        return rank_batch(step, settings.batch, settings.seq_len, vocab, settings.seed, rank % stage_world,
+                          stage_world, cp=settings.cp, tp=settings.tp)
 
     layout = {k: v for k, v in settings.mop_options.items() if k != "dump_dir"}
     model = mopc.parallelize(model, batches(0), init_fn=make_init_fn(model, settings.seed), **layout)
@@ -375,7 +408,7 @@ def _build_mop(settings: TrainSettings, rank: int, world: int) -> Program:
     compiled = torch.compile(model, backend="mop", options=_mop_compile_options(settings, rank))
     spec = mopc.plan_of(model).spec
     return Program(module=model, step_fn=compiled, runs_as="mop", batch_fn=batches,
-                   layout={"dp": spec.data_parallel, "cp": spec.cp, "tp": spec.tp, "ep": spec.ep})
+                   layout={"dp": spec.data_parallel, "cp": spec.cp, "tp": spec.tp, "ep": spec.ep, "pp": spec.pp})
 
 
 def build_program(settings: TrainSettings, rank: int, world: int) -> Program:
@@ -391,7 +424,7 @@ def build_program(settings: TrainSettings, rank: int, world: int) -> Program:
         if settings.skew_experts:
             skew_routing(model, settings.skew_experts)
         batches = _whole_rows(settings, rank, world, model.config.vocab_size)
-        layout = {"dp": world, "cp": 1, "tp": 1, "ep": 1}
+        layout = {"dp": world, "cp": 1, "tp": 1, "ep": 1, "pp": 1}
         if settings.program == "eager":
             program = Program(module=model, step_fn=model, runs_as="eager", batch_fn=batches, layout=layout)
         else:
@@ -462,6 +495,8 @@ def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.opt
             optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         comm = counter.since_mark()
+        if settings.program == "mop" and settings.pp > 1:
+            _add_pipeline_sends(comm)
         records.append(_StepRecord(loss=_global_mean(loss, world), seconds=seconds, comm=comm,
                                    compression=_compression_delta(compressed, compression_stats())))
         if bar:
@@ -470,6 +505,22 @@ def _train_steps(settings: TrainSettings, program: Program, optimizer: torch.opt
                                   or (settings.save_every and (step + 1) % settings.save_every == 0)):
             _save(settings, program, optimizer, step + 1)
     return records
+
+
+def _add_pipeline_sends(comm: CommStats) -> None:
+    """The schedule's point-to-point sends (the flight recorder does not see gloo's), counted
+    from the tensors it sent: activations forward and gradients back, on the `pp` axis."""
+    from mopc.runtime.pipeline_step import pipeline_stats
+
+    stats = pipeline_stats()
+    total = sum(stats.get("p2p_bytes_sent", {}).values())
+    count = stats.get("p2p_messages_sent", 0)
+    slot = comm.by_kind.setdefault("send", {"count": 0, "input_bytes": 0, "bytes_sent": 0})
+    slot["count"] += count
+    slot["input_bytes"] += total
+    slot["bytes_sent"] += total
+    comm.bytes_sent += total
+    comm.by_axis["pp:send"] = comm.by_axis.get("pp:send", 0) + total
 
 
 def _gather(obj: Any, world: int) -> list[Any]:
