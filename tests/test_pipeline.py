@@ -167,3 +167,13 @@ def test_eager_calls_and_tied_weights_are_refused(fake_world_factory):
     with pytest.raises(MoPConfigError, match=r"microbatches=4: this rank's batch holds 2 sequences"):
         mopc.parallelize(fresh, batch, init_fn=make_init_fn(fresh, 0), pp=2, microbatches=4)
     assert all(p.is_meta for p in fresh.parameters()), "nothing allocated"
+
+
+def test_a_model_that_does_not_return_its_loss_is_refused_under_pp(fake_world_factory):
+    fake_world_factory(2, 0)
+    model = build_model("tiny", device="meta", seed=0)
+    batch = synthetic_batch(0, 2, 16, 128)
+    model = mopc.parallelize(model, batch, init_fn=make_init_fn(model, 0), pp=2, microbatches=2)
+    step = torch.compile(model, backend="mop")
+    with pytest.raises(Exception, match=r"returns \[\(1, 16, 128\)\].*must return one scalar loss"):
+        step(batch["input_ids"])  # logits, no labels

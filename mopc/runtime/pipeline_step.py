@@ -46,6 +46,7 @@ class PipelineStep:
         self.group = _resolve(meshes.pp_group)
         self.microbatches = config.num_microbatches
         self.data_inputs = list(data_inputs)
+        _check_whole_step(gm)
         num_layers = 1 + max((node_layer(n) or 0) for n in gm.graph.nodes)
         plan = StagePlan(config.pp * config.pp_virtual, (0, *config.pp_split), num_layers)
         m, device = self.microbatches, rank_device()
@@ -134,6 +135,20 @@ def _resolve(name: str | None) -> dist.ProcessGroup:
 
     assert name is not None
     return resolve_group(name)
+
+
+def _check_whole_step(gm: GraphModule) -> None:
+    """Under pp one Dynamo graph must be the whole step: the model's forward returning one loss."""
+    outputs = gm.graph.find_nodes(op="output")[0].args[0]
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    values = [o.meta.get("example_value") if hasattr(o, "meta") else o for o in outputs]
+    if len(values) != 1 or not isinstance(values[0], torch.Tensor) or values[0].dim() != 0:
+        shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+        raise MoPConfigError(
+            f"mop option pp: the compiled graph returns {shapes}, but under pipeline parallelism the compiled call "
+            "runs the whole step, so the model's forward must return one scalar loss in one graph (pass the labels "
+            "to the model, or wrap it so it returns the loss; a graph break splits the step: compile with "
+            "fullgraph=True to find it)")
 
 
 def _meta(node):
