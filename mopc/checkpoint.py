@@ -95,12 +95,21 @@ def _local_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _full_from_piece(piece: torch.Tensor, layout: ParamLayout) -> torch.Tensor:
+def _mesh_rank(mesh) -> tuple[int, int, Any]:
+    """(rank, size, process group) of the 1-D mesh a parameter is sharded over: the world, or
+    under pipeline parallelism its stage's ranks (the default group when not parallelized)."""
+    if mesh is None:
+        rank, world = _world()
+        return rank, world, None
+    return mesh.get_local_rank(), mesh.size(), mesh.get_group()
+
+
+def _full_from_piece(piece: torch.Tensor, layout: ParamLayout, mesh) -> torch.Tensor:
     """All-gather the ranks' pieces of one (small, 0-d) parameter into its full value."""
-    _, world = _world()
+    _, world, group = _mesh_rank(mesh)
     gathered = piece.new_empty(piece.numel() * world)
     if world > 1:
-        all_gather_flat(gathered, piece.contiguous())
+        all_gather_flat(gathered, piece.contiguous(), group=group)
     else:
         gathered.copy_(piece.reshape(-1))
     return gathered_to_full(gathered, list(layout.shape), layout.chunk_dim, layout.num_chunks, world)
@@ -134,15 +143,16 @@ def _row_owner(flat: torch.Tensor, shape: tuple[int, ...], world: int) -> torch.
     return (flat // row_numel) // -(-shape[0] // world)
 
 
-def _exchange(send: torch.Tensor, dest: torch.Tensor, world: int) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Send each element of `send` to rank `dest[i]` (all-to-all, uneven splits); returns what
-    this rank received, in sender order, and the (sent, received) split sizes."""
+def _exchange(send: torch.Tensor, dest: torch.Tensor, world: int, group: Any = None
+              ) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Send each element of `send` to rank `dest[i]` of `group` (all-to-all, uneven splits);
+    returns what this rank received, in sender order, and the (sent, received) split sizes."""
     send_counts = torch.bincount(dest, minlength=world)
     recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
     sent, received = send_counts.tolist(), recv_counts.tolist()
     out = send.new_empty(sum(received))
-    dist.all_to_all_single(out, send.contiguous(), received, sent)
+    dist.all_to_all_single(out, send.contiguous(), received, sent, group=group)
     return out, sent, received
 
 
@@ -154,8 +164,8 @@ def _canonical_from_piece(piece: torch.Tensor, layout: ParamLayout, mesh) -> tor
 
     shape = tuple(layout.shape)
     if len(shape) == 0:
-        return _full_from_piece(piece, layout).clone()
-    rank, world = _world()
+        return _full_from_piece(piece, layout, mesh).clone()
+    rank, world, group = _mesh_rank(mesh)
     start, end = _row_range(shape[0], rank, world)
     row_numel = math.prod(shape[1:])
     rows = piece.new_empty((end - start) * row_numel)
@@ -166,20 +176,20 @@ def _canonical_from_piece(piece: torch.Tensor, layout: ParamLayout, mesh) -> tor
     else:
         dest = _row_owner(flat, shape, world)
         order = torch.argsort(dest, stable=True)
-        got_values, _, _ = _exchange(values[order], dest[order], world)
-        got_flat, _, _ = _exchange(flat[order], dest[order], world)
+        got_values, _, _ = _exchange(values[order], dest[order], world, group)
+        got_flat, _, _ = _exchange(flat[order], dest[order], world, group)
         rows[got_flat - start * row_numel] = got_values
     return DTensor.from_local(rows.view(end - start, *shape[1:]), mesh, [Shard(0)], run_check=False,
                               shape=torch.Size(shape), stride=_contiguous_stride(shape))
 
 
-def _piece_from_canonical(value: torch.Tensor, layout: ParamLayout, like: torch.Tensor) -> torch.Tensor:
+def _piece_from_canonical(value: torch.Tensor, layout: ParamLayout, like: torch.Tensor, mesh) -> torch.Tensor:
     """This rank's piece (shaped like `like`, padding zeroed) from the canonical rows: every
     rank asks the owners of the rows its values live in (all-to-all of indices), and they
     answer with the values (all-to-all back)."""
     from torch.distributed.tensor import DTensor
 
-    rank, world = _world()
+    rank, world, group = _mesh_rank(mesh)
     shape = tuple(layout.shape)
     if not isinstance(value, DTensor) or len(shape) == 0:
         return local_shard(value.reshape(shape).to(like.dtype), layout, rank)
@@ -193,10 +203,10 @@ def _piece_from_canonical(value: torch.Tensor, layout: ParamLayout, like: torch.
         return piece.view_as(like)
     dest = _row_owner(flat, shape, world)
     order = torch.argsort(dest, stable=True)
-    asked, sent, received = _exchange(flat[order], dest[order], world)
+    asked, sent, received = _exchange(flat[order], dest[order], world, group)
     answers = rows[asked - base]
     back = answers.new_empty(sum(sent))
-    dist.all_to_all_single(back, answers.contiguous(), sent, received)
+    dist.all_to_all_single(back, answers.contiguous(), sent, received, group=group)
     piece[positions[order]] = back.to(like.dtype)
     return piece.view_as(like)
 
@@ -206,7 +216,7 @@ def _empty_canonical(shape: tuple[int, ...], dtype: torch.dtype, device: torch.d
 
     if len(shape) == 0:
         return torch.empty((), dtype=dtype, device=device)
-    rank, world = _world()
+    rank, world, _ = _mesh_rank(mesh)
     start, end = _row_range(shape[0], rank, world)
     rows = torch.empty((end - start, *shape[1:]), dtype=dtype, device=device)
     return DTensor.from_local(rows, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
@@ -225,9 +235,21 @@ def _layout_of(param: torch.Tensor) -> ParamLayout | None:
 
 
 def _model_entries(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, ParamLayout | None]]:
-    """(fqn, value, layout) for every parameter and persistent buffer, in state_dict order."""
+    """(fqn, value, layout) for every parameter and persistent buffer this rank holds, in
+    state_dict order (under pipeline parallelism, the parameters of this rank's stages)."""
     for fqn, value in _unwrap(model).state_dict(keep_vars=True).items():
-        yield fqn, value, _layout_of(value)
+        if not _remote(value):
+            yield fqn, value, _layout_of(value)
+
+
+def _remote(param: torch.Tensor) -> bool:
+    """A parameter of another pipeline stage (its shard here is empty)."""
+    return bool(getattr(param, "_mopc_remote", False))
+
+
+def _param_mesh(param: torch.Tensor, fallback):
+    """The mesh a parameter's shard is a DTensor on (its pipeline stage's ranks, or the world)."""
+    return getattr(param, "device_mesh", None) or fallback
 
 
 def _param_fqns(model: nn.Module) -> dict[int, str]:
@@ -254,20 +276,22 @@ def _optimizer_groups(optimizer: torch.optim.Optimizer, fqns: dict[int, str]) ->
 
 @torch.no_grad()
 def _to_canonical(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    mesh = _mesh_of(model)
+    world_mesh = _mesh_of(model)
     state: dict[str, Any] = {}
     for fqn, value, layout in _model_entries(model):
-        state[f"model.{fqn}"] = _canonical_from_piece(_local_of(value), layout, mesh) \
+        state[f"model.{fqn}"] = _canonical_from_piece(_local_of(value), layout, _param_mesh(value, world_mesh)) \
             if layout is not None else value.detach()
     if optimizer is not None:
         fqns = _param_fqns(model)
         for group in optimizer.param_groups:
             for param in group["params"]:
                 layout = _layout_of(param)
+                if _remote(param):
+                    continue  # another pipeline stage saves its state
                 for name, value in optimizer.state.get(param, {}).items():
                     key = f"optim.{fqns[id(param)]}.{name}"
                     if layout is not None and _is_sharded_state(value, param):
-                        state[key] = _canonical_from_piece(_local_of(value), layout, mesh)
+                        state[key] = _canonical_from_piece(_local_of(value), layout, _param_mesh(param, world_mesh))
                     elif isinstance(value, torch.Tensor):
                         state[key] = value.detach()
                     else:
@@ -293,18 +317,6 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _refuse_pipeline(model: nn.Module, what: str) -> None:
-    """Pipeline stages hold disjoint parameters: the canonical layout here has every rank
-    hold a piece of every tensor, which a pipeline rank does not (not written yet)."""
-    from mopc.parallelize import plan_of
-
-    plan = plan_of(_unwrap(model))
-    if plan is not None and plan.spec.pp > 1:
-        raise NotImplementedError(
-            f"mopc.checkpoint.{what}: this model was parallelized with pp={plan.spec.pp}, and checkpoints of "
-            "pipeline-parallel layouts are not written yet; train without pp where the run needs checkpoints")
-
-
 def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
          step: int, extra: dict[str, Any] | None = None, storage_writer: Any = None) -> Path:
     """Save `model` (parallelized or not) and `optimizer` as step `step` under `path`.
@@ -314,7 +326,6 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     `storage_writer` replaces DCP's `FileSystemWriter` (it must write to the staging path
     it is given via `checkpoint_id`).
     """
-    _refuse_pipeline(model, "save")
     rank, world = _world()
     root = Path(path)
     final = _step_dir(root, step)
@@ -360,8 +371,8 @@ def _layout_summary(model: nn.Module) -> dict[str, Any]:
     if plan is None:
         return {"parallelized": False}
     spec = plan.spec
-    return {"parallelized": True, "world_size": spec.world_size, "dp": spec.dp, "tp": spec.tp, "ep": spec.ep,
-            "cp": spec.cp}
+    return {"parallelized": True, "world_size": spec.total_ranks, "dp": spec.dp, "tp": spec.tp, "ep": spec.ep,
+            "cp": spec.cp, "pp": spec.pp}
 
 
 # ------------------------------------------------------------------------ load
@@ -418,12 +429,11 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
     The model must have the same parameters (names and shapes) as the one saved; the
     optimizer the same kind, over the same parameters.
     """
-    _refuse_pipeline(model, "load")
     step_dir = _resolve(path)
     saved = _saved_shapes(step_dir)
     meta = _read_meta(step_dir)
     wait_all_updates()
-    mesh = _mesh_of(model)
+    world_mesh = _mesh_of(model)
     entries = list(_model_entries(model))
     wanted: dict[str, Any] = {}
     problems = []
@@ -435,9 +445,10 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         elif saved[key][0] != shape:
             problems.append(f"{fqn}: checkpoint shape {list(saved[key][0])}, model shape {list(shape)}")
         else:
-            wanted[key] = _empty_canonical(shape, value.dtype, _local_of(value).device, mesh) \
+            wanted[key] = _empty_canonical(shape, value.dtype, _local_of(value).device,
+                                           _param_mesh(value, world_mesh)) \
                 if layout is not None else torch.empty_like(value)
-    known = {f"model.{fqn}" for fqn, _, _ in entries}
+    known = {f"model.{fqn}" for fqn in _unwrap(model).state_dict(keep_vars=True)}  # another stage's too
     problems += [f"{k[len('model.'):]}: in the checkpoint, not in the model"
                  for k in sorted(saved) if k.startswith("model.") and k not in known]
     if problems:
@@ -455,11 +466,13 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
             if fqn not in by_fqn:
                 raise CheckpointError(f"mopc.checkpoint: optimizer state for {fqn!r} has no parameter in this model")
             param = by_fqn[fqn]
+            if _remote(param):
+                continue  # another pipeline stage's: its ranks load it
             layout = _layout_of(param)
             full_shape = tuple(layout.shape) if layout is not None else tuple(param.shape)
             device = _local_of(param).device
             if layout is not None and shape == full_shape and len(shape) > 0:
-                wanted[key] = _empty_canonical(shape, dtype, device, mesh)
+                wanted[key] = _empty_canonical(shape, dtype, device, _param_mesh(param, world_mesh))
             else:
                 wanted[key] = torch.empty(shape, dtype=dtype, device=device)
             optim_keys[key] = (param, fqn, name)
@@ -471,7 +484,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
             value.data.copy_(loaded) if isinstance(value, nn.Parameter) else value.copy_(loaded)
             continue
         local = _local_of(value)
-        local.copy_(_piece_from_canonical(loaded, layout, local))
+        local.copy_(_piece_from_canonical(loaded, layout, local, _param_mesh(value, world_mesh)))
     if optimizer is not None:
         _load_optimizer(optimizer, wanted, optim_keys, meta.get("optimizer_param_groups"))
     step = int(meta.get("step", -1))
@@ -492,7 +505,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, wanted: dict[str, Any],
         loaded = wanted[key]
         layout = _layout_of(param)
         if layout is not None and isinstance(loaded, DTensor):
-            local = _piece_from_canonical(loaded, layout, _local_of(param))
+            local = _piece_from_canonical(loaded, layout, _local_of(param), loaded.device_mesh)
             value = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                        shape=param.shape, stride=param.stride()) \
                 if isinstance(param, DTensor) else local

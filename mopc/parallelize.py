@@ -61,20 +61,28 @@ def _analyze(model: nn.Module, example_inputs: tuple | dict, loss_fn: Callable |
     return analyze(model, _fake_inputs(example_inputs, model), loss_fn)
 
 
+def _hardware():
+    """The hardware spec of this rank's device (the roofline the stages are balanced on)."""
+    from mopc.planner.hardware import hardware
+
+    if rank_device().type != "cuda":
+        return hardware("cpu")
+    return hardware("h200" if "H200" in torch.cuda.get_device_name() else "h100")
+
+
 def _stage_plan(model: nn.Module, analysis, config: MoPConfig):
-    """The pipeline stages (layers per stage, balanced by the analysis's step flops) and the
+    """The pipeline stages (layers per stage, balanced by the analysis's roofline time) and the
     parameters each stage holds; tied parameters used on two stages are refused."""
     from mopc.passes.analysis.role_defs import layer_of
-    from mopc.plan.stages import make_stage_plan
+    from mopc.plan.stages import make_stage_plan, roofline_seconds
 
     layers = sorted({layer_of(fqn) for fqn in analysis.param_roles} - {None})
     if not layers:
         raise MoPConfigError(f"mop option pp={config.pp}: no `layers.N` blocks were found in this model, so there "
                              "is no sequential stack to cut into pipeline stages; drop pp")
-    rows = {row.name: row.flops for row in analysis.layer_rows()}
-    flops = [rows.get(f"layer {i}", 0) for i in range(len(layers))]
-    stages = make_stage_plan(config, len(layers), flops, head_flops=rows.get("embedding", 0),
-                             tail_flops=rows.get("head", 0))
+    seconds = roofline_seconds(analysis, _hardware(), config.param_dtype)
+    stages = make_stage_plan(config, len(layers), [seconds.get(f"layer {i}", 0.0) for i in range(len(layers))],
+                             head_cost=seconds.get("embedding", 0.0), tail_cost=seconds.get("head", 0.0))
     seen_layer, where, owners = False, {}, {}
     for fqn, param in model.named_parameters(remove_duplicate=False):
         seen_layer = seen_layer or layer_of(fqn) is not None

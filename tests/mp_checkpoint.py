@@ -40,18 +40,24 @@ def parse_layout(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
 
 
+def data_rank(layout: dict[str, int], rank: int, world: int) -> tuple[int, int]:
+    """(rank, world) for the batch arithmetic: the ranks of a pipeline read the same rows."""
+    stage_world = world // layout.get("pp", 1)
+    return rank % stage_world, stage_world
+
+
 def build(layout: dict[str, int], rank: int, world: int, compile_: bool):
     model = build_model("tiny", device="meta", seed=0)
-    example = rank_batch(0, BATCH, SEQ, model.config.vocab_size, 0, rank, world)
+    example = rank_batch(0, BATCH, SEQ, model.config.vocab_size, 0, *data_rank(layout, rank, world))
     mopc.parallelize(model, example, init_fn=make_init_fn(model, 0), **layout)
     step_fn = torch.compile(model, backend="mop") if compile_ else model
     return model, step_fn, torch.optim.AdamW(model.parameters(), lr=LR)
 
 
-def train(step_fn, opt, steps: range, rank: int, world: int, vocab: int) -> list[float]:
+def train(step_fn, opt, steps: range, rank: int, world: int, vocab: int, layout: dict[str, int]) -> list[float]:
     losses = []
     for step in steps:
-        loss = step_fn(**rank_batch(step, BATCH, SEQ, vocab, 0, rank, world))
+        loss = step_fn(**rank_batch(step, BATCH, SEQ, vocab, 0, *data_rank(layout, rank, world)))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,17 +91,17 @@ def main() -> None:
     vocab = model.config.vocab_size
     report: dict = {"rank": rank, "world": world, "layout": layout}
     if phase == "save":
-        report["losses"] = train(step_fn, opt, range(SAVE_AT), rank, world, vocab)
+        report["losses"] = train(step_fn, opt, range(SAVE_AT), rank, world, vocab, layout)
         saved = ckpt.save(root, model, opt, step=SAVE_AT, extra={"layout": layout_text})
         report["saved"] = str(saved)
         full = full_parameters(model)
         if rank == 0:
             torch.save(full, out / "saved_full.pt")
-        report["losses"] += train(step_fn, opt, range(SAVE_AT, STEPS), rank, world, vocab)
+        report["losses"] += train(step_fn, opt, range(SAVE_AT, STEPS), rank, world, vocab, layout)
     elif phase == "resume":
         report["loaded_step"] = ckpt.load(root, model, opt)
         at_load = local_params(model)
-        report["losses"] = train(step_fn, opt, range(SAVE_AT, STEPS), rank, world, vocab)
+        report["losses"] = train(step_fn, opt, range(SAVE_AT, STEPS), rank, world, vocab, layout)
         try:
             ckpt.save(root, model, opt, step=STEPS,
                       storage_writer=FailingWriter(root / f".step_{STEPS:08d}.partial"))

@@ -33,7 +33,7 @@ TOL = 1e-5
 PARAM_TOL = 1e-4
 
 
-def _torchrun(world: int, out: Path, root: Path, phase: str, layout: str, *extra: str) -> list[dict]:
+def _torchrun(world: int, layout: str, out: Path, root: Path, phase: str, *extra: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--standalone",
            str(HERE / "mp_checkpoint.py"), str(out), str(root), phase, layout, *extra]
@@ -60,12 +60,13 @@ def _rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
-def _roundtrip(tmp_path: Path, compile_: bool) -> None:
+def _roundtrip(tmp_path: Path, compile_: bool, save: tuple[int, str] = (4, "tp=2,ep=4"),
+               resume: tuple[int, str] = (2, "ep=2")) -> None:
     out, root = tmp_path / "out", tmp_path / "ckpt"
-    out.mkdir()
+    out.mkdir(parents=True)
     flags = ("--compile",) if compile_ else ()
-    saved = _torchrun(4, out, root, "save", "tp=2,ep=4", *flags)
-    resumed = _torchrun(2, out, root, "resume", "ep=2", *flags)
+    saved = _torchrun(*save, out, root, "save", *flags)
+    resumed = _torchrun(*resume, out, root, "resume", *flags)
     eager_losses, _ = _eager(STEPS)
 
     uninterrupted = saved[0]["losses"]
@@ -108,6 +109,15 @@ def test_checkpoint_reshards_world4_tp2_ep4_to_world2_ep2(tmp_path):
 @pytest.mark.large
 def test_checkpoint_reshards_compiled(tmp_path):
     _roundtrip(tmp_path, compile_=True)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.large
+def test_checkpoint_from_pipeline_stages_loads_into_another_layout_and_back(tmp_path):
+    """Saved at pp 2 x ep 2 (each stage's ranks write its parameters' rows), resumed at world
+    2 without pipelines, exactly; then pp 2 resumes from that layout's checkpoint."""
+    _roundtrip(tmp_path / "a", compile_=True, save=(4, "pp=2,ep=2,microbatches=2"), resume=(2, "ep=2"))
+    _roundtrip(tmp_path / "b", compile_=True, save=(2, "tp=2"), resume=(2, "pp=2,microbatches=2"))
 
 
 # ---------------------------------------------------------------------------- one process

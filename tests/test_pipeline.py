@@ -47,9 +47,9 @@ def test_balance_minimises_the_most_expensive_stage(costs, stages, head, tail):
 
 def test_a_heavy_head_moves_layers_to_the_first_stage():
     # 8 equal layers, the vocabulary projection and loss as expensive as 4 of them
-    plan = make_stage_plan(MoPConfig(pp=2), 8, [10] * 8, head_flops=0, tail_flops=40)
-    assert plan.first_layer == (0, 6) and plan.flops == (60, 60)
-    assert "stage 1: layers 6-7, head, loss" in plan.describe()
+    plan = make_stage_plan(MoPConfig(pp=2), 8, [10] * 8, head_cost=0, tail_cost=40)
+    assert plan.first_layer == (0, 6) and plan.cost_s == (60, 60)
+    assert "stage 1: layers 6-7, head, loss (~6e+04 ms)" in plan.describe()
     given = make_stage_plan(MoPConfig(pp=2, pp_split=(3,)), 8)
     assert list(given.layers_of(0)) == [0, 1, 2] and given.stage_of_layer(3) == 1
 
@@ -66,6 +66,26 @@ def test_a_heavy_head_moves_layers_to_the_first_stage():
 def test_bad_pipeline_options_name_the_field_and_the_fix(options, message):
     with pytest.raises(MoPConfigError, match=message):
         MoPConfig(**options)
+
+
+def test_the_roofline_weighs_the_head_apart_from_the_last_layer():
+    """Layer costs from the analysis: every MoE layer of `small` costs the same, and the
+    vocabulary projection and loss are the head's, not the last layer's."""
+    import dataclasses
+
+    from mopc.analysis import analyze
+    from mopc.models import PRESETS
+    from mopc.plan.stages import roofline_seconds
+    from mopc.planner.hardware import hardware
+
+    config = dataclasses.replace(PRESETS["small"], num_layers=4)
+    model = build_model(config, device="meta", seed=0)
+    batch = {k: v.to("meta") for k, v in synthetic_batch(0, 1, 64, config.vocab_size).items()}
+    seconds = roofline_seconds(analyze(model, batch), hardware("cpu"))
+    assert set(seconds) == {"embedding", "head", "layer 0", "layer 1", "layer 2", "layer 3"}
+    moe = [seconds[f"layer {i}"] for i in (1, 2, 3)]  # layer 0 is dense in `small`
+    assert max(moe) <= 1.02 * min(moe), seconds
+    assert seconds["head"] > 0.3 * moe[0] and seconds["layer 0"] < moe[0], seconds
 
 
 def test_pp_must_divide_the_world_and_the_stage_must_hold_the_other_axes():

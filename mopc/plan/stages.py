@@ -3,9 +3,12 @@
 The sequential stack (the `layers.N` blocks) is cut at layer boundaries into `pp · pp_virtual`
 contiguous stages. The embedding goes to the first stage; the final norm, vocabulary
 projection and loss to the last. Unless the user names the cuts (`pp_split`), they minimise
-the most expensive stage: each layer weighs its training-step flops from the analysis
-(expert layers counted with their routed and shared experts), the embedding is added to
-the first stage and the head with its loss to the last.
+the most expensive stage. A layer's cost is its training step's roofline time from the
+analysis: every node of the joint graph takes max(flops / peak flops, bytes moved / memory
+bandwidth) on the device's hardware spec (bytes moved: its inputs and output; views move
+none), so memory-bound norms, rotary and routing weigh next to the matmuls (expert layers
+are counted with their routed and shared experts). The embedding is added to the first
+stage and the head with its loss to the last.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ class StagePlan:
     first_layer: tuple[int, ...]
     """First layer of every stage (stage 0 starts at layer 0)."""
     num_layers: int
-    flops: tuple[int, ...] = ()
-    """Estimated step flops per stage (empty when the cuts were given)."""
+    cost_s: tuple[float, ...] = ()
+    """Estimated step seconds per stage, roofline (empty when the cuts were given)."""
 
     def stage_of_layer(self, layer: int) -> int:
         stage = 0
@@ -56,12 +59,12 @@ class StagePlan:
                 what = "embedding, " + what
             if s == self.num_stages - 1:
                 what += ", head, loss"
-            cost = f" ({self.flops[s] / 1e9:.3g} GFLOP)" if self.flops else ""
+            cost = f" (~{self.cost_s[s] * 1e3:.3g} ms)" if self.cost_s else ""
             parts.append(f"stage {s}: {what}{cost}")
         return "; ".join(parts)
 
 
-def balance(costs: Sequence[int], num_stages: int, *, head: int = 0, tail: int = 0) -> tuple[int, ...]:
+def balance(costs: Sequence[float], num_stages: int, *, head: float = 0, tail: float = 0) -> tuple[int, ...]:
     """First layer of each of `num_stages` contiguous stages over layers of `costs`, minimising
     the largest stage cost (`head` added to the first stage, `tail` to the last); ties go to
     the earliest cuts. Exact, by dynamic programming over (layers, stages)."""
@@ -92,8 +95,8 @@ def balance(costs: Sequence[int], num_stages: int, *, head: int = 0, tail: int =
     return (0, *reversed(firsts))
 
 
-def make_stage_plan(config: MoPConfig, num_layers: int, layer_flops: Sequence[int] | None = None,
-                    head_flops: int = 0, tail_flops: int = 0) -> StagePlan:
+def make_stage_plan(config: MoPConfig, num_layers: int, layer_costs: Sequence[float] | None = None,
+                    head_cost: float = 0, tail_cost: float = 0) -> StagePlan:
     """The stages for `config` (`pp`, `pp_virtual`, `pp_split`) over `num_layers` layers."""
     stages = config.pp * config.pp_virtual
     if stages > num_layers:
@@ -107,9 +110,32 @@ def make_stage_plan(config: MoPConfig, num_layers: int, layer_flops: Sequence[in
                 f"mop option pp_split={config.pp_split!r} names layer {config.pp_split[-1]}, but the model has "
                 f"layers 0-{num_layers - 1}; every stage needs at least one layer")
         return StagePlan(stages, (0, *config.pp_split), num_layers)
-    costs = list(layer_flops) if layer_flops is not None else [1] * num_layers
-    firsts = balance(costs, stages, head=head_flops, tail=tail_flops)
+    costs = list(layer_costs) if layer_costs is not None else [1.0] * num_layers
+    firsts = balance(costs, stages, head=head_cost, tail=tail_cost)
     plan = StagePlan(stages, firsts, num_layers)
-    per_stage = tuple(sum(costs[i] for i in plan.layers_of(s)) + (head_flops if s == 0 else 0)
-                      + (tail_flops if s == stages - 1 else 0) for s in range(stages))
+    per_stage = tuple(sum(costs[i] for i in plan.layers_of(s)) + (head_cost if s == 0 else 0)
+                      + (tail_cost if s == stages - 1 else 0) for s in range(stages))
     return StagePlan(stages, firsts, num_layers, per_stage)
+
+
+def roofline_seconds(analysis, hw, dtype: str = "fp32") -> dict[str, float]:
+    """Step seconds per group ("embedding", "layer N", "head": vocabulary projection and loss):
+    each node max(flops / peak, bytes in and out / memory bandwidth) on `hw`; views move nothing."""
+    costs, roles = analysis.costs, analysis.roles
+    out: dict[str, float] = {}
+    peak = hw.peak_flops(dtype)
+    for node in analysis.graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        flops = costs.flops.get(node.name, 0)
+        moved = 0 if getattr(node.target, "is_view", False) else \
+            costs.out_bytes.get(node.name, 0) + sum(costs.out_bytes.get(a.name, 0) for a in node.all_input_nodes)
+        seconds = max(flops / peak, moved / hw.hbm_bandwidth)
+        layer = roles.node_layers.get(node.name)
+        role = roles.node_roles.get(node.name, "other")
+        if role in ("vocab_projection", "loss") or (layer is None and role != "embedding"):
+            key = "head"  # the roles analysis gives some head nodes the last layer's index
+        else:
+            key = "embedding" if role == "embedding" else f"layer {layer}"
+        out[key] = out.get(key, 0.0) + seconds
+    return out

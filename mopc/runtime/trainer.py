@@ -267,7 +267,7 @@ class TrainSettings:
         return world // (self.pp * self.cp)
 
     def _validate_pipeline(self, world: int) -> None:
-        """`--pp`: each rank's rows cut into `--microbatches`; no checkpoints yet."""
+        """`--pp`: each pipeline's rows cut into `--microbatches`."""
         if self.pp == 1 or self.program != "mop" or world % (self.pp * self.cp):
             return
         from mopc.config import MoPConfig, MoPConfigError
@@ -283,9 +283,6 @@ class TrainSettings:
                 f"--batch {self.batch}: each pipeline reads {rows} rows per step (batch / (world {world} / pp "
                 f"{self.pp}{f' / cp {self.cp}' if self.cp > 1 else ''})), which do not cut into {micro} "
                 f"micro-batches; use --batch {fix} or --microbatches dividing {rows}")
-        if self.save_dir or self.resume:
-            raise TrainSettingsError(f"--save/--resume with --pp {self.pp}: checkpoints of pipeline-parallel "
-                                     "layouts are not written yet; drop --pp or the checkpoint flags")
 
     def _validate_batch(self, world: int) -> None:
         readers = self.data_ranks(world)
