@@ -66,7 +66,30 @@ CONFIGS = (
     ("small w2 bf16 s256", "small", 2, 4, 256, 1, 1, {"param_dtype": "bf16"}),
     ("small w2 cp2 bf16 s256", "small", 2, 4, 256, 1, 1, {"cp": 2, "param_dtype": "bf16"}),
     ("small w4 cp2 ep2 s256", "small", 4, 4, 256, 1, 2, {"cp": 2}),
+    # pipeline parallelism (mopc train --pp P --microbatches M [--schedule gpipe]): written to
+    # planner_validation_pp.json with --only pp --out benchmarks/results/planner_validation_pp.json
+    ("tiny w2 pp2", "tiny", 2, 8, 64, 1, 1, {"pp": 2, "microbatches": 4}),
+    ("tiny w2 pp2 gpipe", "tiny", 2, 8, 64, 1, 1, {"pp": 2, "microbatches": 4, "schedule": "gpipe"}),
+    ("tiny w2 pp2 act-off", "tiny", 2, 8, 64, 1, 1, {"pp": 2, "microbatches": 4, "offload_activations": True}),
+    ("tiny w4 pp2 tp2", "tiny", 4, 8, 64, 2, 1, {"pp": 2, "microbatches": 4}),
+    ("tiny w4 pp2 ep2", "tiny", 4, 8, 64, 1, 2, {"pp": 2, "microbatches": 4}),
+    ("small w2 pp2", "small", 2, 4, 128, 1, 1, {"pp": 2, "microbatches": 2}),
+    ("small w4 pp4", "small", 4, 4, 128, 1, 1, {"pp": 4, "microbatches": 4}),
+    ("small w4 pp2 ep2 act-off", "small", 4, 4, 128, 1, 2, {"pp": 2, "microbatches": 2, "offload_activations": True}),
 )
+
+_ESTIMATE_KEYS = ("cp", "param_dtype", "pp", "microbatches", "schedule", "offload_activations")
+
+
+def _flags(more: dict) -> list[str]:
+    """`mopc train` flags of a configuration's extra layout fields."""
+    out = []
+    for k, v in more.items():
+        if k == "offload_activations":
+            out += ["--offload", "experts"] if v else []
+        else:
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
 
 
 def main() -> None:
@@ -79,13 +102,15 @@ def main() -> None:
     p.add_argument("--render", action="store_true", help="only print the table of the JSON at --out again")
     p.add_argument("--re-estimate", action="store_true",
                    help="recompute the estimates of the rows in --out (measured numbers kept); run nothing")
+    p.add_argument("--runs-dir", default=None, metavar="DIR",
+                   help="keep each run's report in DIR and reuse a report already there (default: a temporary dir)")
     args = p.parse_args()
     if args.out is None:
         args.out = (f"benchmarks/results/planner_validation_{Path(args.from_results).stem}.json"
                     if args.from_results else "benchmarks/results/planner_validation.json")
     if args.render:
         rows = json.loads(Path(args.out).read_text())["rows"]
-        print("\n".join(_table(rows) + _host_table(rows) + _routed_table(rows)))
+        print("\n".join(_table(rows) + _host_table(rows) + _routed_table(rows) + _stage_table(rows)))
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.from_results:
@@ -100,6 +125,9 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="mopc_bench_planner_") as tmp:
+        if args.runs_dir:
+            tmp = args.runs_dir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         for name, model, world, batch, seq, tp, ep, *extra in CONFIGS:
             if not any(part in name for part in args.only.split(",")):
                 continue
@@ -108,32 +136,67 @@ def main() -> None:
             est = estimate_layout(model, world=world, tp=tp, ep=ep, global_batch=batch, seq_len=seq, **more)
             est_s = time.perf_counter() - start
             flags = [f for f, v in (("--tp", tp), ("--ep", ep)) if v > 1 for f in (f, str(v))]
-            flags += [w for k, v in more.items() for w in (f"--{k.replace('_', '-')}", str(v))]
+            flags += _flags(more)
             run_args = SimpleNamespace(nproc=world, model=model, steps=args.steps, batch=batch, seq_len=seq,
                                        seed=0, lr=3e-3)
-            report = run_train(name, run_args, Path(tmp), flags)
+            report = _reuse(name, run_args, Path(tmp), flags) if args.runs_dir else None
+            report = report or run_train(name, run_args, Path(tmp), flags)
             if "error" in report:
                 rows.append({"name": name, "error": report["error"], "command": report["command"]})
                 continue
             per_rank = report["memory"]["per_rank"]
             measured = max(m["peak"] for m in per_rank)
-            cats = {k: max(m[k] for m in per_rank) for k in ("params", "grads", "optimizer", "activations_peak")}
+            cats = {k: max(m.get(k, 0) for m in per_rank)
+                    for k in ("params", "grads", "optimizer", "activations_peak", "host_peak", "optimizer_host")}
             rows.append({
                 "name": name, "command": report["command"], "world": world, "tp": tp, "ep": ep, **more,
                 "global_batch": batch, "seq_len": seq,
                 "estimated": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
                               "activations": est.activations, "peak": est.live_peak,
+                              "host_activations": est.host_activations, "host_optimizer": est.host_optimizer,
                               "transient_not_measured": est.transient},
+                "estimated_at_run_routing": {"skew": None, "host_activations": est.host_activations},
                 "measured": {**cats, "peak_max_over_ranks": measured,
                              "peak_min_over_ranks": min(m["peak"] for m in per_rank)},
                 "error_pct": 100.0 * (est.live_peak - measured) / measured,
                 "estimate_s": est_s,
+                **_stage_rows(est, per_rank, world, more.get("pp", 1)),
             })
     _write(rows, Path(args.out))
 
 
+def _reuse(name: str, run_args: SimpleNamespace, out_dir: Path, flags: list[str]) -> dict | None:
+    """The report `run_train` wrote for this configuration in an earlier run, if any."""
+    path = out_dir / f"{name.replace('@', '_r').replace(' ', '_')}.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    a = run_args
+    report["command"] = (f"mopc train --nproc {a.nproc} --model {a.model} --steps {a.steps} --batch {a.batch} "
+                         f"--seq-len {a.seq_len} --seed {a.seed} --lr {a.lr} --quiet " + " ".join(flags)).rstrip()
+    print(f"\n== {name}: reusing {path}", flush=True)
+    return report
+
+
+def _stage_rows(est: object, per_rank: list[dict], world: int, pp: int) -> dict:
+    """Under pipeline parallelism, each stage's estimate next to its pipeline rank's measurement
+    (max over the ranks of that stage; pipeline rank = rank // (world / pp))."""
+    if pp <= 1:
+        return {}
+    ranks = world // pp
+    out = []
+    for st in est.stages:
+        mine = [m for m in per_rank if m["rank"] // ranks == st["stage"]]
+        out.append({"stage": st["stage"], "dense_layers": st["dense_layers"], "moe_layers": st["moe_layers"],
+                    "estimated": {k: st[k] for k in ("params", "grads", "optimizer", "activations",
+                                                     "host_activations", "live_peak")},
+                    "measured": {k: max(m[k] for m in mine) for k in ("params", "grads", "optimizer",
+                                                                       "activations_peak", "host_peak", "peak")}})
+    return {"stages": out}
+
+
 def _write(rows: list[dict], out: Path, **extra: object) -> None:
-    lines = _table(rows) + _host_table(rows) + _routed_table(rows)
+    lines = _table(rows) + _host_table(rows) + _routed_table(rows) + _stage_table(rows)
     print("\n" + "\n".join(lines))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "table": lines, "git": git_state(), **extra}, indent=2) + "\n")
@@ -149,12 +212,20 @@ def _re_estimate(row: dict) -> dict:
     words = row["command"].split()
     model = words[words.index("--model") + 1]
     start = time.perf_counter()
-    more = {k: row[k] for k in ("cp", "param_dtype") if k in row}
+    more = {k: row[k] for k in _ESTIMATE_KEYS if k in row}
     est = estimate_layout(model, world=row["world"], tp=row["tp"], ep=row["ep"], global_batch=row["global_batch"],
                           seq_len=row["seq_len"], **more)
     measured = row["measured"]["peak_max_over_ranks"]
-    return {**row, "estimated": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
-                                 "activations": est.activations, "peak": est.live_peak},
+    stages = row.get("stages")
+    if stages:
+        for old, new in zip(stages, est.stages, strict=True):
+            old["estimated"] = {k: new[k] for k in old["estimated"]}
+    routed = {"estimated_at_run_routing": {"skew": None, "host_activations": est.host_activations}} \
+        if "estimated_at_run_routing" in row else {}
+    return {**row, **routed,
+            "estimated": {"params": est.params, "grads": est.grads, "optimizer": est.optimizer,
+                          "activations": est.activations, "peak": est.live_peak,
+                          "host_activations": est.host_activations, "host_optimizer": est.host_optimizer},
             "error_pct": 100.0 * (est.live_peak - measured) / measured, "estimate_s": time.perf_counter() - start}
 
 
@@ -282,6 +353,26 @@ def _routed_table(rows: list[dict]) -> list[str]:
                          f"{mib(m['activations_peak'])} ({_err(e['activations'], m['activations_peak']).strip()}), "
                          f"peak {mib(e['peak'])} vs {mib(m['peak_max_over_ranks'])} "
                          f"({_err(e['peak'], m['peak_max_over_ranks']).strip()})")
+    return lines
+
+
+def _stage_table(rows: list[dict]) -> list[str]:
+    """Pipeline rows: every stage's estimate against its pipeline rank's measurement."""
+    rows = [r for r in rows if "error" not in r and r.get("stages")]
+    if not rows:
+        return []
+    w = max([24, *(len(r["name"]) for r in rows)])
+    header = (f"{'configuration':{w}} {'stage':>5} {'layers':>7} {'params':>8} {'p. err':>7} {'est. act.':>10} "
+              f"{'meas. act.':>10} {'act. err':>8} {'est. peak':>10} {'meas. peak':>10} {'peak err':>8}")
+    lines = ["", "per pipeline stage, MiB (measured = max over the ranks of that stage)", header, "-" * len(header)]
+    for r in rows:
+        for st in r["stages"]:
+            e, m = st["estimated"], st["measured"]
+            layers = f"{st['dense_layers']}d+{st['moe_layers']}m"
+            lines.append(f"{r['name']:{w}} {st['stage']:>5} {layers:>7} {mib(e['params']):>8} "
+                         f"{_err(e['params'], m['params'])} {mib(e['activations']):>10} "
+                         f"{mib(m['activations_peak']):>10} {_err(e['activations'], m['activations_peak'])} "
+                         f"{mib(e['live_peak']):>10} {mib(m['peak']):>10} {_err(e['live_peak'], m['peak'])}")
     return lines
 
 

@@ -117,9 +117,11 @@ def test_routing_skew_percentile():
 
 
 def test_projections_are_flagged_and_never_runnable():
-    c = Candidate(world=8, pp=2, cp=2, dtype="bf16", offload_optimizer=True, recompute="full")
+    c = Candidate(world=8, pp=2, cp=2, microbatches=2, dtype="bf16", recompute="full")
     assert not c.runnable
-    assert set(c.missing) == {"pipeline parallelism", "full activation recompute"}
+    assert set(c.missing) == {"full activation recompute"}
+    # mopc.parallelize(pp=..., microbatches=...) with 1F1B
+    assert Candidate(world=8, pp=2, cp=2, microbatches=2, dtype="bf16").runnable
     assert Candidate(world=8, tp=2, ep=4).runnable
     # mopc.parallelize(cp=..., param_dtype="bf16")
     assert Candidate(world=8, tp=2, ep=4, cp=2, dtype="bf16").runnable
@@ -221,7 +223,7 @@ def test_search_at_scale_with_given_probes(world, monkeypatch):
     result = search.plan("tiny", gpus=world, gpu="h100", seq_len=64)
     chosen = result.chosen
     assert chosen is not None and chosen.fits and chosen.candidate.runnable
-    assert chosen.candidate.tp * chosen.candidate.cp * chosen.candidate.dp == world
+    assert chosen.candidate.tp * chosen.candidate.cp * chosen.candidate.pp * chosen.candidate.dp == world
     fitting = [e for e in result.candidates if e.candidate.runnable and e.fits]
     # one sequence per cp group: candidates step over different batches, so throughput decides
     assert chosen.tokens_per_s_per_gpu == max(e.tokens_per_s_per_gpu for e in fitting)
@@ -265,7 +267,9 @@ def test_plan_small_at_scale(world, tmp_path, monkeypatch):
     result = plan("small", gpus=world, gpu="h100", seq_len=512, projections=False)
     c = result.chosen.candidate
     assert result.chosen.fits and c.runnable
-    MeshSpec.from_config(MoPConfig(tp=c.tp, ep=c.ep), world)  # a layout mopc.parallelize accepts
+    # a layout mopc.parallelize accepts
+    MeshSpec.from_config(MoPConfig(tp=c.tp, ep=c.ep, cp=c.cp, pp=c.pp,
+                                   microbatches=c.microbatches if c.pp > 1 else None), world)
     assert torch.distributed.is_initialized() is False
 
 
@@ -301,8 +305,9 @@ def test_cp_candidates_obey_the_mesh_and_sequence_constraints(monkeypatch):
     assert {c.cp for c in runnable if c.tp == 4} == {1, 2}  # cp divides world / tp = 2
     assert {c.dtype for c in runnable} == {"fp32", "bf16"}
     for c in runnable:
-        assert 24 % (2 * c.cp) == 0 and c.dp * c.cp * c.tp == 8
-        MeshSpec.from_config(MoPConfig(tp=c.tp, ep=c.ep, cp=c.cp), 8)  # what mopc.parallelize accepts
+        assert 24 % (2 * c.cp) == 0 and c.dp * c.cp * c.tp * c.pp == 8
+        MeshSpec.from_config(MoPConfig(tp=c.tp, ep=c.ep, cp=c.cp, pp=c.pp,  # what mopc.parallelize accepts
+                                       microbatches=c.microbatches if c.pp > 1 else None), 8)
 
 
 def test_cp_collective_bytes_are_the_rewrites():
@@ -428,3 +433,76 @@ def test_cp_probe_matches_the_model():
     for kind in ("dense", "moe"):  # at world 2 the cp group is the world: the layers' only token collectives
         sent = sum(cp.layers[kind].token_comm.values()) - sum(plain.layers[kind].token_comm.values())
         assert sent == cp_comm_bytes(cfg, Candidate(world=2, cp=2), tokens=32, num_layers=1) == 24576
+
+
+def _deep_tiny(num_layers: int = 9):
+    """tiny's widths with more layers (1 dense + MoE layers), for pipelines of up to 8 stages."""
+    return dataclasses.replace(PRESETS["tiny"], num_layers=num_layers)
+
+
+def test_pipeline_stages_hold_their_layers_and_worst_rank_decides():
+    """pp is runnable: each stage's shards are its layers' (the embedding on the first, the head
+    on the last), at a fixed stage size per-rank state shrinks ~1/pp, 1F1B's first stage holds
+    min(pp, microbatches) micro-batches, the step pays the bubble and the point-to-point bytes."""
+    config = _deep_tiny()
+    info = _info(config)
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(2, 2))
+    hw = hardware("cpu")
+    one = estimate(info, probes, hw, Candidate(world=2), global_batch=8, seq_len=64)
+    params = {1: one.params}
+    for pp in (2, 4, 8):
+        c = Candidate(world=2 * pp, pp=pp, microbatches=2 * pp)
+        assert c.runnable
+        e = estimate(info, probes, hw, c, global_batch=8 * pp, seq_len=64)
+        assert e.fits, e.why_not
+        stages = e.stages
+        assert len(stages) == pp and sum(s["dense_layers"] + s["moe_layers"] for s in stages) == 9
+        assert stages[0]["embedding"] and stages[-1]["head"]
+        assert sum(s["params"] for s in stages) == one.params  # every shard on exactly one stage
+        params[pp] = e.params
+        assert e.params <= one.params * (-(-9 // pp) + 1) / 9  # its layers (at most ceil(9/pp)), embedding, head
+        # 1F1B: pipeline rank r holds pp - r micro-batches; equal layers -> rank 0 holds the most
+        acts = [s["activations"] for s in stages]
+        assert acts[0] == max(acts)
+        mb_tokens = e.tokens_per_rank // (2 * pp)
+        layers0 = stages[0]["dense_layers"] + stages[0]["moe_layers"]
+        assert acts[0] == pytest.approx(pp * mb_tokens * layers0 * 1000 / 64)  # the probe: 1000 B per 64 tokens
+        assert e.bubble_s == pytest.approx(e.compute_s * (pp - 1) / (2 * pp))
+        # each micro-batch's activation [rows/M, S, D] forward and its gradient back
+        assert e.comm_by_axis["pp"] == 2 * e.tokens_per_rank * config.dim * 4
+    assert params[1] > params[2] > params[4] > params[8]
+    gpipe = estimate(info, probes, hw, Candidate(world=4, pp=2, microbatches=4, schedule="gpipe"),
+                     global_batch=16, seq_len=64)
+    f1b = estimate(info, probes, hw, Candidate(world=4, pp=2, microbatches=4), global_batch=16, seq_len=64)
+    assert gpipe.activations == pytest.approx(2 * f1b.activations)  # every micro-batch in flight vs pp of them
+
+
+def test_runtime_restrictions_on_pipelines_are_never_produced(monkeypatch):
+    """1F1B needs microbatches >= pp dividing the rows of a pipeline; mopc refuses optimizer
+    offload with pp; stages <= layers: such layouts are invalid, and the search makes none."""
+    from mopc.planner import search
+
+    info = _info(_deep_tiny(5))
+    probes = ProbeSet(base=_probe(1, 1), split=_probe(2, 2))
+    hw = hardware("cpu")
+    for bad in (Candidate(world=4, pp=2, microbatches=1), Candidate(world=4, pp=2, microbatches=2,
+                                                                     offload_optimizer=True)):
+        assert bad.invalid and not bad.runnable
+        e = estimate(info, probes, hw, bad, global_batch=8, seq_len=64)
+        assert not e.fits and bad.invalid[0] in e.why_not
+    e = estimate(info, probes, hw, Candidate(world=8, pp=8, microbatches=8), global_batch=64, seq_len=64)
+    assert not e.fits and "stages" in e.why_not
+    e = estimate(info, probes, hw, Candidate(world=4, pp=2, microbatches=4), global_batch=4, seq_len=64)
+    assert not e.fits and "micro-batches" in e.why_not  # 2 rows per pipeline
+
+    monkeypatch.setattr(search, "probes_for", lambda config, tp, ep, vp=True: probes)
+    monkeypatch.setattr(search, "model_info", lambda config, p: _info(config))
+    for gb in (None, 32):
+        result = search.plan(_deep_tiny(5), gpus=16, gpu="h100", seq_len=64, global_batch=gb)
+        piped = [e for e in result.candidates if e.candidate.pp > 1]
+        assert {e.candidate.pp for e in piped} == {2, 4}  # 8 > 5 layers
+        for e in piped:
+            c = e.candidate
+            assert not c.invalid and c.microbatches >= c.pp and not c.offload_optimizer
+            assert c.runnable == (c.recompute == "min_cut")
+        assert any(e.candidate.runnable and e.fits for e in piped)

@@ -13,9 +13,15 @@ shares its sequences, so the global batch must have at least one sequence per gr
 per second per GPU; with a fixed global batch that is the shortest step) among those that
 fit; on a tie, the one with fewer offloads.
 
-Projections (flagged `runnable: false` with what they need): pipeline stages (1F1B) and
-full activation recompute, in bf16, combined with every cp and the offloads above: the
-fastest one that fits is reported next to the chosen plan, never chosen in its place.
+Pipeline parallelism is runnable too: `pp` in 1, 2, 4, 8, 16 dividing the world, at most
+one stage per layer, tp, ep and cp within a stage's world / pp ranks; 1F1B with pp, 2·pp
+or 4·pp micro-batches (with no global batch, a pipeline reads one sequence per
+micro-batch; with one, the micro-batches must divide the rows a pipeline reads), never
+with optimizer offload (mopc refuses it).
+
+Projections (flagged `runnable: false` with what they need): full activation recompute,
+in bf16, combined with every pp, cp and the optimizer offload: the fastest one that fits
+is reported next to the chosen plan, never chosen in its place.
 
 The baseline: FSDP2 (ZeRO-3 over all ranks, each MoE layer's experts gathered whole),
 as mopc's own baseline runs it (fp32, no recompute) and as a tuned run would (bf16 mixed
@@ -352,6 +358,31 @@ def context_parallel_degrees(world: int, tp: int, seq_len: int, global_batch: in
             and (cp == 1 or global_batch is None or (global_batch * cp) % world == 0)]
 
 
+PIPELINE_DEGREES = (1, 2, 4, 8, 16)
+"""Pipeline degrees searched (those dividing the world, at most one stage per layer)."""
+
+
+def pipeline_degrees(world: int, num_layers: int) -> list[int]:
+    return [p for p in PIPELINE_DEGREES if world % p == 0 and p <= num_layers]
+
+
+def microbatch_counts(world: int, pp: int, cp: int, global_batch: int | None) -> list[int]:
+    """Micro-batches per step for a pipeline of `pp` stages under 1F1B (at least pp, dividing
+    the rows each pipeline reads): pp, 2·pp and 4·pp (with no global batch given, a pipeline
+    reads one sequence per micro-batch), or also the rows per pipeline when they are fewer.
+    Without pipelines: 1."""
+    if pp == 1:
+        return [1]
+    wanted = [pp, 2 * pp, 4 * pp]
+    if global_batch is None:
+        return wanted
+    rows = global_batch * cp * pp / world
+    if rows != int(rows):
+        return [pp]  # reported as not splitting into whole sequences
+    rows = int(rows)
+    return [m for m in sorted({*wanted, rows}) if m >= pp and rows % m == 0] or [pp]
+
+
 def runnable_degrees(config: Any, world: int, hw: HardwareSpec) -> tuple[list[int], list[int]]:
     head_dim = config.head_dim or config.dim // config.num_heads
     tps = [t for t in _divisors(world) if t <= hw.devices_per_node and config.num_heads % t == 0
@@ -380,31 +411,36 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
     info = model_info(config, probes)
     estimates: list[Estimate] = []
     offloads = (False, True)
-    for tp, ep, dtype, off_a, off_o in itertools.product(tps, eps, DTYPES, offloads if info.num_moe else (False,),
-                                                         offloads):
-        for cp in context_parallel_degrees(world, tp, seq_len, global_batch):
-            cand = Candidate(world=world, tp=tp, ep=ep, cp=cp, dtype=dtype, vocab_parallel=vocab_parallel,
-                             offload_activations=off_a, offload_optimizer=off_o)
-            estimates.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
-                                      skew_z=skew_z))
+    num_layers = info.num_dense + info.num_moe
+    pps = pipeline_degrees(world, num_layers)
+    for tp, ep, pp, dtype, off_a, off_o in itertools.product(tps, eps, pps, DTYPES,
+                                                             offloads if info.num_moe else (False,), offloads):
+        if off_o and pp > 1:
+            continue  # mopc refuses optimizer offload with pipelines
+        if (world // pp) % ep or (world // pp) % tp:
+            continue
+        for cp in context_parallel_degrees(world // pp, tp, seq_len, None if global_batch is None else
+                                           global_batch):
+            for m in microbatch_counts(world, pp, cp, global_batch):
+                cand = Candidate(world=world, tp=tp, ep=ep, pp=pp, cp=cp, microbatches=m, dtype=dtype,
+                                 vocab_parallel=vocab_parallel, offload_activations=off_a, offload_optimizer=off_o)
+                estimates.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
+                                          skew_z=skew_z))
     runnable = sorted(estimates, key=_rank)
     chosen = runnable[0] if runnable else None
     projected: list[Estimate] = []
-    if projections:
-        pps = [p for p in (1, 2, 4, 8) if world % p == 0 and info.num_dense + info.num_moe >= p]
+    if projections:  # full activation recompute, in bf16, over the same layouts
         cps = [c for c in (1, 2, 4, 8, 16, 32, 64) if world % c == 0 and seq_len % (2 * c) == 0]
-        for tp, ep, pp, cp, rc, off_a, off_o in itertools.product(
-                [t for t in tps if t in (1, tp_rep)], eps, pps, cps, ("min_cut", "full"), (False, True),
-                (False, True)):
-            if pp == 1 and rc == "min_cut":
-                continue  # runnable: searched above
-            if world % (tp * pp * cp) or (world // pp) % ep or (off_a and (rc == "full" or not info.num_moe)):
-                continue  # full recompute keeps no expert activations to offload
-            cand = Candidate(world=world, tp=tp, ep=ep, pp=pp, cp=cp,
-                             vocab_parallel=vocab_parallel, dtype="bf16", recompute=rc, offload_activations=off_a,
-                             offload_optimizer=off_o)
-            projected.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
-                                      skew_z=skew_z))
+        for tp, ep, pp, cp, off_o in itertools.product([t for t in tps if t in (1, tp_rep)], eps, pps, cps,
+                                                       (False, True)):
+            if world % (tp * pp * cp) or (world // pp) % ep or (off_o and pp > 1):
+                continue  # (full recompute keeps no expert activations to offload: no act-offload variant)
+            for m in microbatch_counts(world, pp, cp, global_batch):
+                cand = Candidate(world=world, tp=tp, ep=ep, pp=pp, cp=cp, microbatches=m,
+                                 vocab_parallel=vocab_parallel, dtype="bf16", recompute="full",
+                                 offload_optimizer=off_o)
+                projected.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
+                                          skew_z=skew_z))
     fitting = sorted((e for e in projected if e.fits), key=_rank)
     projection = fitting[0] if fitting else (min(projected, key=lambda e: e.peak) if projected else None)
     fsdp2 = {}
@@ -482,17 +518,21 @@ def _explain(chosen: Estimate | None, projection: Estimate | None, runnable: lis
     return lines
 
 
-def estimate_layout(model: Any, *, world: int, tp: int = 1, ep: int = 1, cp: int = 1, global_batch: int,
+def estimate_layout(model: Any, *, world: int, tp: int = 1, ep: int = 1, cp: int = 1, pp: int = 1,
+                    microbatches: int | None = None, schedule: str = "1f1b", global_batch: int,
                     seq_len: int, vocab_parallel: bool = True, gpu: str = "cpu", skew: float | None = None,
                     offload_activations: bool = False, offload_optimizer: bool = False,
                     param_dtype: str = "fp32", reduce_dtype: str | None = None) -> Estimate:
     """The estimate of one runnable layout: what `mopc train --nproc world --tp .. --ep ..
-    --cp ..` runs, with `--offload experts` (`offload_activations`), `--optimizer-offload`,
-    `--param-dtype` and `--reduce-dtype`."""
+    --cp .. --pp .. --microbatches .. --schedule ..` runs, with `--offload experts`
+    (`offload_activations`), `--optimizer-offload`, `--param-dtype` and `--reduce-dtype`.
+    `microbatches` defaults to the runtime's 2·pp."""
     config = load_model_config(model)
     probes = probes_for(config, tp, ep, vocab_parallel)
     info = model_info(config, probes)
-    cand = Candidate(world=world, tp=tp, ep=ep, cp=cp, vocab_parallel=vocab_parallel, dtype=param_dtype,
+    cand = Candidate(world=world, tp=tp, ep=ep, cp=cp, pp=pp,
+                     microbatches=(microbatches or 2 * pp) if pp > 1 else 1, schedule=schedule,
+                     vocab_parallel=vocab_parallel, dtype=param_dtype,
                      reduce_dtype=reduce_dtype, offload_activations=offload_activations,
                      offload_optimizer=offload_optimizer)
     return estimate(info, probes, hardware(gpu), cand, global_batch=global_batch, seq_len=seq_len, skew=skew)
