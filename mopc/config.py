@@ -197,6 +197,14 @@ class MoPConfig:
     on, and make the next forward wait, per parameter, only for that parameter's update.
     Without this option `HostAdamW` still keeps its state on host, but updates in `step()`."""
 
+    recompute: Literal["auto", "full"] = "auto"
+    """Which forward values backward recomputes instead of keeping. `auto`: the min-cut
+    partitioner's choice (cheap ops recomputed, the rest saved). `full` (Megatron's full
+    activation checkpointing): every forward value computed inside a transformer layer is
+    recomputed in backward, except the layer's input (the residual stream entering it);
+    nodes outside layers (embedding, loss) keep the partitioner's choice. Exact. Needs
+    `partitioner="min_cut"`; not with `offload="auto"` (both decide what is saved)."""
+
     # ------------------------------------------------------------ gradient compression
 
     grad_compression: Literal["none", "skip_idle", "int8", "fp8", "powersgd"] = "none"
@@ -292,6 +300,13 @@ class MoPConfig:
         if budget is not None and self.offload != "auto":
             raise MoPConfigError(f"mop option memory_budget_gb={budget!r} acts only with offload='auto', but "
                                  f"offload={self.offload!r}; set offload='auto' or drop memory_budget_gb")
+        if self.recompute == "full" and self.partitioner != "min_cut":
+            raise MoPConfigError(f"mop option recompute='full' tags the nodes to recompute for the min-cut "
+                                 f"partitioner, but partitioner={self.partitioner!r} saves every value backward "
+                                 "needs; set partitioner='min_cut' or recompute='auto'")
+        if self.recompute == "full" and self.offload == "auto":
+            raise MoPConfigError("mop options recompute='full' and offload='auto' both decide what forward saves "
+                                 "for backward; choose one: drop offload='auto' or set recompute='auto'")
         self._check_pipeline_options()
         if self.cp_attention != "all_gather" and self.cp == 1:
             raise MoPConfigError(f"mop option cp_attention={self.cp_attention!r} acts only with cp > 1, but cp=1; "

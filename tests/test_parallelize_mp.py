@@ -40,7 +40,7 @@ def _dump_text(out: Path, index: int, name: str) -> str:
 # `cp` (context parallelism): the ranks of a cp group share `per_rank` sequences, each
 # holding two chunks of every one (cp=4: 4 of the 16 tokens).
 CASES = [
-    (2, "tp=1,loss_chunk_tokens=16,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;tp=2,biased_wo=True;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
+    (2, "tp=1,loss_chunk_tokens=16,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;tp=2,biased_wo=True,recompute=full;ep=2,expert_bias_update_rate=0.001,fuse_dispatch=on,grad_compression=int8;"
         "cp=2,cp_attention=all_to_all,ep=2,skew=1,expert_spill_factor=1.0,topk=1,offload=experts,host_adamw=True,optimizer_offload=True", 2),
     (4, "cp=4,ep=4,skew=True,topk=3,offload=auto,memory_budget_gb=0.000001,memory_policy_hardware=h100;"
         "ep=2,tp=2,skew=True,expert_spill_factor=1.0,capacity_factor=8.0,grad_compression=skip_idle,"

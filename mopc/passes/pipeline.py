@@ -64,6 +64,7 @@ PIPELINE: tuple[str, ...] = (
     "vocab_parallel_loss",  # projection + cross-entropy on vocabulary shards
     "compress_grads",   # opt-in: expert (or all) gradient reductions from compressed messages
     "gather_params",    # reference program: bucketed all-gather / reduce-scatter of shards
+    "full_recompute",   # recompute="full": layers keep only their input; after every pass that adds forward nodes
 )
 ROLES_ANNOTATED_BY = "annotate_roles"
 
@@ -78,6 +79,7 @@ def _load_passes() -> None:
     import mopc.passes.rewrite.expert_parallel  # noqa: F401
     import mopc.passes.rewrite.fuse_dispatch  # noqa: F401
     import mopc.passes.rewrite.gather_params  # noqa: F401
+    import mopc.passes.rewrite.recompute  # noqa: F401
     import mopc.passes.rewrite.tensor_parallel  # noqa: F401
     import mopc.passes.rewrite.vocab_parallel  # noqa: F401
 
