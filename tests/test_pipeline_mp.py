@@ -12,7 +12,8 @@ from tests.test_parallelize_mp import _torchrun
 # tiny has 3 layers; interleaved with 2 stages per rank needs 4
 WORLD2 = ("pp=2,microbatches=2;pp=2,schedule=gpipe,microbatches=4;"
           "pp=2,schedule=interleaved_1f1b,pp_virtual=2,microbatches=2,layers=4")
-WORLD4 = "pp=2,tp=2,microbatches=4;pp=2,ep=2,schedule=gpipe,microbatches=4,skew=True"
+WORLD4 = ("pp=2,tp=2,microbatches=4;pp=2,tp=2,schedule=gpipe,microbatches=2;"
+          "pp=2,ep=2,schedule=gpipe,microbatches=4,skew=True;pp=2,ep=2,microbatches=2")
 
 
 def _check(results: list[dict], world: int) -> None:
