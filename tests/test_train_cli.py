@@ -33,6 +33,8 @@ def _sample(name: str, hint: typing.Any, default: typing.Any) -> tuple[list[str]
         value = next((a for a in args if a != default), default)  # a one-value Literal: its only value
         return [flag, str(value)], value
     if origin is tuple:
+        if args[0] is int:
+            return [flag, "2,5"], (2, 5)
         return [flag, "a,b"], ("a", "b")
     value = {int: 2, float: 0.5, str: "somewhere"}[hint]
     return [flag, str(value)], value
