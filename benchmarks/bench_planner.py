@@ -76,9 +76,12 @@ CONFIGS = (
     ("small w2 pp2", "small", 2, 4, 128, 1, 1, {"pp": 2, "microbatches": 2}),
     ("small w4 pp4", "small", 4, 4, 128, 1, 1, {"pp": 4, "microbatches": 4}),
     ("small w4 pp2 ep2 act-off", "small", 4, 4, 128, 1, 2, {"pp": 2, "microbatches": 2, "offload_activations": True}),
+    # full activation recompute (mopc train --recompute full)
+    ("small w2 rc-full s256", "small", 2, 4, 256, 1, 1, {"recompute": "full"}),
+    ("tiny w2 pp2 rc-full", "tiny", 2, 8, 64, 1, 1, {"pp": 2, "microbatches": 4, "recompute": "full"}),
 )
 
-_ESTIMATE_KEYS = ("cp", "param_dtype", "pp", "microbatches", "schedule", "offload_activations")
+_ESTIMATE_KEYS = ("cp", "param_dtype", "pp", "microbatches", "schedule", "offload_activations", "recompute")
 
 
 def _flags(more: dict) -> list[str]:

@@ -116,12 +116,12 @@ def test_routing_skew_percentile():
     assert large < 1.01
 
 
-def test_projections_are_flagged_and_never_runnable():
+def test_pipelines_and_full_recompute_are_runnable():
+    # mopc.parallelize(pp=..., microbatches=..., recompute="full") with 1F1B
     c = Candidate(world=8, pp=2, cp=2, microbatches=2, dtype="bf16", recompute="full")
-    assert not c.runnable
-    assert set(c.missing) == {"full activation recompute"}
-    # mopc.parallelize(pp=..., microbatches=...) with 1F1B
+    assert c.runnable and not c.missing
     assert Candidate(world=8, pp=2, cp=2, microbatches=2, dtype="bf16").runnable
+    assert not Candidate(world=8, recompute="full", offload_activations=True).runnable
     assert Candidate(world=8, tp=2, ep=4).runnable
     # mopc.parallelize(cp=..., param_dtype="bf16")
     assert Candidate(world=8, tp=2, ep=4, cp=2, dtype="bf16").runnable
@@ -188,6 +188,7 @@ def test_search_chooses_offload_only_when_the_plain_layout_does_not_fit(monkeypa
 
     monkeypatch.setattr(search, "probes_for", probes)
     monkeypatch.setattr(search, "model_info", lambda config, probes: _info(config))
+    monkeypatch.setattr(search, "RECOMPUTE", ("min_cut",))  # offload against saving, not against recompute
     kw = {"gpus": 4, "gpu": "h100", "seq_len": 4096, "projections": False}
     roomy = search.plan("tiny", **kw)
     kinds = {(e.candidate.offload_activations, e.candidate.offload_optimizer) for e in roomy.candidates}
@@ -501,8 +502,8 @@ def test_runtime_restrictions_on_pipelines_are_never_produced(monkeypatch):
         result = search.plan(_deep_tiny(5), gpus=16, gpu="h100", seq_len=64, global_batch=gb)
         piped = [e for e in result.candidates if e.candidate.pp > 1]
         assert {e.candidate.pp for e in piped} == {2, 4}  # 8 > 5 layers
+        assert {e.candidate.recompute for e in piped} == {"min_cut", "full"}
         for e in piped:
             c = e.candidate
-            assert not c.invalid and c.microbatches >= c.pp and not c.offload_optimizer
-            assert c.runnable == (c.recompute == "min_cut")
+            assert not c.invalid and c.microbatches >= c.pp and not c.offload_optimizer and c.runnable
         assert any(e.candidate.runnable and e.fits for e in piped)

@@ -75,9 +75,11 @@ and the worst (largest peak) reported, all of them in `Estimate.stages`:
 - restrictions (`Candidate.invalid`): 1F1B needs microbatches >= pp, the rows of a
   pipeline must cut into the micro-batches, no optimizer offload, pp <= layers.
 
-Candidates with full activation recompute are projections (mopc cannot run it yet): the
-same per-token measurements, with its effect modelled by a formula; they are never what
-`search` chooses to run.
+Full activation recompute (`recompute="full"`, runnable): a layer keeps only its input,
+[tokens, dim] in `param_dtype`; the head keeps what the partitioner saves (the probe's).
+Backward rebuilds one layer's saved values at a time (the probe's min-cut bytes of the
+largest layer), a transient term like the offload reload; compute is 4/3 (one more
+forward).
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ class Candidate:
 
     @property
     def missing(self) -> tuple[str, ...]:
-        """Features this layout needs that mopc does not have yet."""
-        return ("full activation recompute",) if self.recompute != "min_cut" else ()
+        """Features this layout needs that mopc does not have yet (none since pipelines and
+        full recompute, `recompute="full"`, run)."""
+        return ()
 
     @property
     def invalid(self) -> tuple[str, ...]:
@@ -149,6 +152,8 @@ class Candidate:
                 out.append("optimizer offload with pipeline parallelism (refused by mopc)")
         elif self.microbatches != 1:
             out.append("micro-batches without pipeline parallelism")
+        if self.recompute == "full" and self.offload_activations:
+            out.append("expert-activation offload with full recompute (nothing of the experts is saved)")
         if self.world % (self.pp * self.tp * self.cp) or (self.world // self.pp) % self.ep:
             out.append("degrees do not divide the world (or a stage's ranks, for ep)")
         return tuple(out)
@@ -589,13 +594,14 @@ def _stage_memory(info: ModelInfo, lay: LayoutBytes, c: Candidate, st: Stage, mb
     kinds = [k for k in ("dense", "moe") if st.count(k)]
     reload = 0.0
     head_mb = mb_tokens * head if st.last else 0.0
-    if c.recompute == "full":  # layer inputs kept, one layer's saved values rebuilt at a time in backward
+    if c.recompute == "full":  # layer inputs kept; backward rebuilds one layer's saved values at a time,
+        # inside the compiled backward, after `MemoryTracker` stopped counting the saved ones: transient
         per_mb = mb_tokens * sum(st.count(k) for k in kinds) * info.config.dim * item + head_mb
-        extra = mb_tokens * max((per_layer[k] for k in kinds), default=0.0)
         per_mb_host = 0.0
+        reload = mb_tokens * max((per_layer[k] for k in kinds), default=0.0)
     else:
         per_mb = mb_tokens * sum(per_layer[k] * st.count(k) for k in kinds) + head_mb
-        extra, per_mb_host = 0.0, 0.0
+        per_mb_host = 0.0
         if c.offload_activations:
             per_mb_host = mb_tokens * sum(per_layer_offload[k] * st.count(k) for k in kinds)
             per_mb -= per_mb_host
@@ -604,8 +610,8 @@ def _stage_memory(info: ModelInfo, lay: LayoutBytes, c: Candidate, st: Stage, mb
             # counts those (a compiled backward takes all its saved tensors when it starts), so
             # this is a transient term, not a live one
             reload = max(0.0, mb_tokens * max((per_layer_offload[k] for k in kinds), default=0.0) - head_mb)
-    activations = n * per_mb + extra
-    with_grads = n_grads * per_mb + (extra if n_grads else 0.0)
+    activations = n * per_mb
+    with_grads = n_grads * per_mb
     opt_device, host_opt = optimizer, 0.0
     if c.offload_optimizer:  # HostAdamW: moments, step and an fp32 master copy of each shard
         opt_device, host_opt = 0.0, optimizer + shard_numel * 4

@@ -19,9 +19,10 @@ or 4·pp micro-batches (with no global batch, a pipeline reads one sequence per
 micro-batch; with one, the micro-batches must divide the rows a pipeline reads), never
 with optimizer offload (mopc refuses it).
 
-Projections (flagged `runnable: false` with what they need): full activation recompute,
-in bf16, combined with every pp, cp and the optimizer offload: the fastest one that fits
-is reported next to the chosen plan, never chosen in its place.
+Full activation recompute (`recompute="full"`) is runnable as well, with every layout
+above except expert-activation offload (nothing of the experts is saved). Every layout the
+planner models is runnable now: there are no projections left (`plan(projections=...)`
+is kept for callers and does nothing).
 
 The baseline: FSDP2 (ZeRO-3 over all ranks, each MoE layer's experts gathered whole),
 as mopc's own baseline runs it (fp32, no recompute) and as a tuned run would (bf16 mixed
@@ -349,6 +350,9 @@ def _divisors(n: int) -> list[int]:
 DTYPES = ("fp32", "bf16")
 """`param_dtype`s searched (`reduce_dtype` = `param_dtype`)."""
 
+RECOMPUTE = ("min_cut", "full")
+"""`recompute`: the min-cut partitioner's choice (`"auto"`) or full activation recompute."""
+
 
 def context_parallel_degrees(world: int, tp: int, seq_len: int, global_batch: int | None = None) -> list[int]:
     """The cp degrees `mopc.parallelize` accepts for a layout: cp divides world / tp
@@ -413,34 +417,24 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
     offloads = (False, True)
     num_layers = info.num_dense + info.num_moe
     pps = pipeline_degrees(world, num_layers)
-    for tp, ep, pp, dtype, off_a, off_o in itertools.product(tps, eps, pps, DTYPES,
-                                                             offloads if info.num_moe else (False,), offloads):
+    for tp, ep, pp, dtype, rc, off_a, off_o in itertools.product(
+            tps, eps, pps, DTYPES, RECOMPUTE, offloads if info.num_moe else (False,), offloads):
         if off_o and pp > 1:
             continue  # mopc refuses optimizer offload with pipelines
+        if off_a and rc == "full":
+            continue  # full recompute saves nothing of the experts to offload
         if (world // pp) % ep or (world // pp) % tp:
             continue
-        for cp in context_parallel_degrees(world // pp, tp, seq_len, None if global_batch is None else
-                                           global_batch):
+        for cp in context_parallel_degrees(world // pp, tp, seq_len, global_batch):
             for m in microbatch_counts(world, pp, cp, global_batch):
                 cand = Candidate(world=world, tp=tp, ep=ep, pp=pp, cp=cp, microbatches=m, dtype=dtype,
-                                 vocab_parallel=vocab_parallel, offload_activations=off_a, offload_optimizer=off_o)
+                                 recompute=rc, vocab_parallel=vocab_parallel, offload_activations=off_a,
+                                 offload_optimizer=off_o)
                 estimates.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
                                           skew_z=skew_z))
     runnable = sorted(estimates, key=_rank)
     chosen = runnable[0] if runnable else None
-    projected: list[Estimate] = []
-    if projections:  # full activation recompute, in bf16, over the same layouts
-        cps = [c for c in (1, 2, 4, 8, 16, 32, 64) if world % c == 0 and seq_len % (2 * c) == 0]
-        for tp, ep, pp, cp, off_o in itertools.product([t for t in tps if t in (1, tp_rep)], eps, pps, cps,
-                                                       (False, True)):
-            if world % (tp * pp * cp) or (world // pp) % ep or (off_o and pp > 1):
-                continue  # (full recompute keeps no expert activations to offload: no act-offload variant)
-            for m in microbatch_counts(world, pp, cp, global_batch):
-                cand = Candidate(world=world, tp=tp, ep=ep, pp=pp, cp=cp, microbatches=m,
-                                 vocab_parallel=vocab_parallel, dtype="bf16", recompute="full",
-                                 offload_optimizer=off_o)
-                projected.append(estimate(info, probes, hw, cand, global_batch=global_batch, seq_len=seq_len,
-                                          skew_z=skew_z))
+    projected: list[Estimate] = []  # every modelled layout runs now (`projections` kept for callers)
     fitting = sorted((e for e in projected if e.fits), key=_rank)
     projection = fitting[0] if fitting else (min(projected, key=lambda e: e.peak) if projected else None)
     fsdp2 = {}
@@ -465,9 +459,10 @@ def plan(model: Any, *, gpus: int, gpu: str = "h200", seq_len: int = 4096, globa
 
     max_seq = {"chosen": longest(chosen), "best_projection": longest(projection)}
     explanation = _explain(chosen, projection, runnable, fsdp2_out, hw)
-    explanation.append(f"longest sequence (one per rank or context-parallel group) that fits: runnable "
-                       f"{chosen.candidate.label() if chosen else '-'}: {max_seq['chosen'] or 0:,}; projection "
-                       f"{projection.candidate.label() if projection else '-'}: {max_seq['best_projection'] or 0:,}")
+    explanation.append(f"longest sequence (one per rank or context-parallel group) that fits: "
+                       f"{chosen.candidate.label() if chosen else '-'}: {max_seq['chosen'] or 0:,}"
+                       + (f"; projection {projection.candidate.label()}: {max_seq['best_projection'] or 0:,}"
+                          if projection else ""))
     shown = runnable + sorted(projected, key=_rank)
     probes_text = [f"probe tp{p.tp} ep{p.ep} world {p.world}: {p.seconds:.1f}s"
                    + (" (cached)" if id(p) in _CACHED else "")
@@ -519,12 +514,14 @@ def _explain(chosen: Estimate | None, projection: Estimate | None, runnable: lis
 
 
 def estimate_layout(model: Any, *, world: int, tp: int = 1, ep: int = 1, cp: int = 1, pp: int = 1,
-                    microbatches: int | None = None, schedule: str = "1f1b", global_batch: int,
+                    microbatches: int | None = None, schedule: str = "1f1b", recompute: str = "min_cut",
+                    global_batch: int,
                     seq_len: int, vocab_parallel: bool = True, gpu: str = "cpu", skew: float | None = None,
                     offload_activations: bool = False, offload_optimizer: bool = False,
                     param_dtype: str = "fp32", reduce_dtype: str | None = None) -> Estimate:
     """The estimate of one runnable layout: what `mopc train --nproc world --tp .. --ep ..
-    --cp .. --pp .. --microbatches .. --schedule ..` runs, with `--offload experts`
+    --cp .. --pp .. --microbatches .. --schedule .. --recompute full` runs (`recompute`:
+    `min_cut`, mopc's default `auto`, or `full`), with `--offload experts`
     (`offload_activations`), `--optimizer-offload`, `--param-dtype` and `--reduce-dtype`.
     `microbatches` defaults to the runtime's 2·pp."""
     config = load_model_config(model)
@@ -532,6 +529,7 @@ def estimate_layout(model: Any, *, world: int, tp: int = 1, ep: int = 1, cp: int
     info = model_info(config, probes)
     cand = Candidate(world=world, tp=tp, ep=ep, cp=cp, pp=pp,
                      microbatches=(microbatches or 2 * pp) if pp > 1 else 1, schedule=schedule,
+                     recompute="full" if recompute == "full" else "min_cut",
                      vocab_parallel=vocab_parallel, dtype=param_dtype,
                      reduce_dtype=reduce_dtype, offload_activations=offload_activations,
                      offload_optimizer=offload_optimizer)
