@@ -75,8 +75,10 @@ and the worst (largest peak) reported, all of them in `Estimate.stages`:
 - restrictions (`Candidate.invalid`): 1F1B needs microbatches >= pp, the rows of a
   pipeline must cut into the micro-batches, no optimizer offload, pp <= layers.
 
-Full activation recompute (`recompute="full"`, runnable): a layer keeps only its input,
-[tokens, dim] in `param_dtype`; the head keeps what the partitioner saves (the probe's).
+Full activation recompute (`recompute="full"`, runnable): a layer keeps its input,
+[tokens, dim] in `param_dtype`, and attention's output (its heads / tp) and fp32
+log-sum-exp, which the pass leaves saved under `mopc.parallelize`; the head keeps what the
+partitioner saves (the probe's).
 Backward rebuilds one layer's saved values at a time (the probe's min-cut bytes of the
 largest layer), a transient term like the offload reload; compute is 4/3 (one more
 forward).
@@ -596,7 +598,14 @@ def _stage_memory(info: ModelInfo, lay: LayoutBytes, c: Candidate, st: Stage, mb
     head_mb = mb_tokens * head if st.last else 0.0
     if c.recompute == "full":  # layer inputs kept; backward rebuilds one layer's saved values at a time,
         # inside the compiled backward, after `MemoryTracker` stopped counting the saved ones: transient
-        per_mb = mb_tokens * sum(st.count(k) for k in kinds) * info.config.dim * item + head_mb
+        cfg = info.config
+        heads = cfg.num_heads / c.tp
+        head_dim = cfg.head_dim or cfg.dim // cfg.num_heads
+        # the layer's input, and attention's output and fp32 log-sum-exp: under mopc.parallelize
+        # the pass leaves attention untagged (torch's partitioner mishandles its RNG state with
+        # DeviceMesh inputs), so attention is saved as under min-cut
+        kept = cfg.dim * item + heads * head_dim * item + heads * 4
+        per_mb = mb_tokens * sum(st.count(k) for k in kinds) * kept + head_mb
         per_mb_host = 0.0
         reload = mb_tokens * max((per_layer[k] for k in kinds), default=0.0)
     else:
