@@ -557,7 +557,7 @@ def format_plan(result: PlanResult) -> str:
     widths = [max(len(str(r[i])) for r in (cols, *rows)) for i in range(len(cols))]
     fmt = lambda r: "  ".join(str(c).rjust(w) if 1 < i < 11 else str(c).ljust(w)
                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-    lines = [head, "memory per rank in GiB; 'proj' = a projection that needs features mopc does not have yet",
+    lines = [head, "memory per rank in GiB; 'proj' would mark a projection (a layout mopc cannot run); none is left",
              fmt(cols), "  ".join("-" * w for w in widths), *map(fmt, rows)]
     if hidden:
         lines.append(f"({hidden} more candidates in --json)")
