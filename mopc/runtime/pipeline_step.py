@@ -49,7 +49,7 @@ class PipelineStep:
         _check_whole_step(gm)
         num_layers = 1 + max((node_layer(n) or 0) for n in gm.graph.nodes)
         plan = StagePlan(config.pp * config.pp_virtual, (0, *config.pp_split), num_layers)
-        m, device = self.microbatches, rank_device()
+        device = rank_device()
         # Inputs Dynamo never saw (a micro-batch slice, a received activation) would be given
         # symbolic sizes by AOTAutograd under Dynamo's shape environment: hand it static fakes.
         fake_mode = detect_fake_mode(example_inputs)
@@ -58,7 +58,6 @@ class PipelineStep:
         start = time.perf_counter()
         graphs = split_stages(gm, plan.stage_of_layer, plan.num_stages)
         self.stages: list[Stage] = []
-        self._calls: list[tuple[Any, list[int]]] = []
         for sg in graphs:
             if stage_rank(sg.index, self.pp) != self.pp_rank:
                 continue
@@ -72,7 +71,8 @@ class PipelineStep:
             self.stages.append(Stage(index=sg.index, run=self._runner(fn, sg.inputs), inputs=received,
                                      outputs=sent))
         log.info("mop: pipeline rank %d compiled stage(s) %s in %.1f s (%d micro-batches, schedule %s)",
-                 self.pp_rank, [s.index for s in self.stages], time.perf_counter() - start, m, config.schedule)
+                 self.pp_rank, [s.index for s in self.stages], time.perf_counter() - start, self.microbatches,
+                 config.schedule)
         self._args: Sequence[Any] = ()
 
     def _micro(self, value: Any, index: int, mb: int) -> Any:
