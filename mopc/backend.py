@@ -203,8 +203,7 @@ class _Compilation:
         state = self.inputs.names[len(self.inputs.names) - len(placeholders):]
         explicit = self.explicit
 
-        def compile_stage(stage_gm: GraphModule, stage_inputs: list[Any]) -> Callable:
-            index = int(stage_gm.__class__.__name__.removeprefix("Stage"))
+        def compile_stage(index: int, stage_gm: GraphModule, stage_inputs: list[Any]) -> Callable:
             compilation = _Compilation(stage_gm, stage_inputs, self.config, explicit, stage=index)
             return compilation.compile(stage_gm, stage_inputs)
 

@@ -31,7 +31,7 @@ class PipelineStep:
     """Stage graphs of this rank compiled; `__call__(*dynamo_inputs)` runs one step."""
 
     def __init__(self, gm: GraphModule, example_inputs: Sequence[Any], config: MoPConfig,
-                 compile_stage: Callable[[GraphModule, list[Any]], Callable], data_inputs: Sequence[bool]) -> None:
+                 compile_stage: Callable[[int, GraphModule, list[Any]], Callable], data_inputs: Sequence[bool]) -> None:
         from torch._guards import detect_fake_mode
 
         from mopc.passes.rewrite.pipeline_split import node_layer, split_stages
@@ -67,7 +67,7 @@ class PipelineStep:
                        for i in sg.inputs]
             example += [static(torch.empty(t.shape, dtype=t.dtype, device=device)).requires_grad_(t.requires_grad)
                         for t in received]
-            fn = compile_stage(sg.gm, example)
+            fn = compile_stage(sg.index, sg.gm, example)
             self.stages.append(Stage(index=sg.index, run=self._runner(fn, sg.inputs), inputs=received,
                                      outputs=sent))
         log.info("mop: pipeline rank %d compiled stage(s) %s in %.1f s (%d micro-batches, schedule %s)",
