@@ -195,10 +195,6 @@ class _Compilation:
         """Cut the graph into pipeline stages, compile this rank's, return the whole-step call."""
         from mopc.runtime.pipeline_step import PipelineStep
 
-        if self.config.optimizer_offload:
-            raise MoPConfigError("mop option optimizer_offload=True updates each parameter as soon as its gradient "
-                                 f"is reduced, but under pp={self.config.pp} every micro-batch adds to the "
-                                 "gradient; drop optimizer_offload (HostAdamW still keeps its state on the host)")
         placeholders = gm.graph.find_nodes(op="placeholder")
         state = self.inputs.names[len(self.inputs.names) - len(placeholders):]
         explicit = self.explicit

@@ -333,6 +333,10 @@ class MoPConfig:
                 raise MoPConfigError(f"mop option(s) {', '.join(given)} act only with pipeline parallelism, but "
                                      "pp=1; pass pp > 1 to mopc.parallelize or drop them")
             return
+        if self.optimizer_offload:
+            raise MoPConfigError(f"mop option optimizer_offload=True updates each parameter as soon as its gradient "
+                                 f"is reduced, but under pp={self.pp} every micro-batch adds to the gradient; drop "
+                                 "optimizer_offload (mopc.optim.HostAdamW still keeps its state on the host)")
         interleaved = self.schedule == "interleaved_1f1b"
         if interleaved and self.pp_virtual < 2:
             raise MoPConfigError(f"mop option schedule='interleaved_1f1b' needs pp_virtual >= 2 stages per rank, "

@@ -61,26 +61,18 @@ def _analyze(model: nn.Module, example_inputs: tuple | dict, loss_fn: Callable |
     return analyze(model, _fake_inputs(example_inputs, model), loss_fn)
 
 
-def _hardware():
-    """The hardware spec of this rank's device (the roofline the stages are balanced on)."""
-    from mopc.planner.hardware import hardware
-
-    if rank_device().type != "cuda":
-        return hardware("cpu")
-    return hardware("h200" if "H200" in torch.cuda.get_device_name() else "h100")
-
-
 def _stage_plan(model: nn.Module, analysis, config: MoPConfig):
     """The pipeline stages (layers per stage, balanced by the analysis's roofline time) and the
     parameters each stage holds; tied parameters used on two stages are refused."""
     from mopc.passes.analysis.role_defs import layer_of
     from mopc.plan.stages import make_stage_plan, roofline_seconds
+    from mopc.planner.hardware import device_hardware
 
     layers = sorted({layer_of(fqn) for fqn in analysis.param_roles} - {None})
     if not layers:
         raise MoPConfigError(f"mop option pp={config.pp}: no `layers.N` blocks were found in this model, so there "
                              "is no sequential stack to cut into pipeline stages; drop pp")
-    seconds = roofline_seconds(analysis, _hardware(), config.param_dtype)
+    seconds = roofline_seconds(analysis, device_hardware(rank_device()), config.param_dtype)
     stages = make_stage_plan(config, len(layers), [seconds.get(f"layer {i}", 0.0) for i in range(len(layers))],
                              head_cost=seconds.get("embedding", 0.0), tail_cost=seconds.get("head", 0.0))
     seen_layer, where, owners = False, {}, {}
@@ -168,7 +160,9 @@ def parallelize(
     held = None  # parameters this rank's pipeline stages use (None: every parameter)
     if spec.pp > 1:
         stages, param_stage = _stage_plan(model, analysis, config)
-        mine = {s for s in range(stages.num_stages) if s % spec.pp == spec.pipeline_rank(rank)}
+        from mopc.runtime.pipeline import stage_rank
+
+        mine = {s for s in range(stages.num_stages) if stage_rank(s, spec.pp) == spec.pipeline_rank(rank)}
         held = {fqn for fqn, s in param_stage.items() if s in mine}
         config = config.replace(pp_split=stages.first_layer[1:])  # resolved: the backend cuts the graph there
         log.info("mopc.parallelize: pipeline %s", stages.describe())

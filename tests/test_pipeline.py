@@ -62,6 +62,7 @@ def test_a_heavy_head_moves_layers_to_the_first_stage():
     ({"pp": 2, "schedule": "interleaved_1f1b", "pp_virtual": 2, "microbatches": 3}, r"multiple of pp=2.*microbatches=4"),
     ({"pp": 2, "pp_split": (3, 5)}, r"pp_split=\(3, 5\) must list .* 1 increasing layer indices"),
     ({"pp": 2, "schedule": "zigzag"}, r"schedule='zigzag' is not accepted"),
+    ({"pp": 2, "optimizer_offload": True}, r"under pp=2 every micro-batch adds to the gradient; drop optimizer_off"),
 ])
 def test_bad_pipeline_options_name_the_field_and_the_fix(options, message):
     with pytest.raises(MoPConfigError, match=message):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["HARDWARE", "HardwareSpec", "hardware"]
+__all__ = ["HARDWARE", "HardwareSpec", "device_hardware", "hardware"]
 
 GB = 10**9
 GiB = 2**30
@@ -84,3 +84,13 @@ def hardware(name: str) -> HardwareSpec:
     if name not in HARDWARE:
         raise ValueError(f"unknown hardware {name!r}; choose one of {', '.join([*HARDWARE, 'cpu'])}")
     return HARDWARE[name]
+
+
+def device_hardware(device) -> HardwareSpec:
+    """The spec of a device: `cpu`, or `h200` / `h100` by the CUDA device's name."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return hardware("cpu")
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else ""
+    return hardware("h200" if "H200" in name else "h100")

@@ -52,7 +52,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from mopc.passes.analysis.costs import node_flops
 from mopc.passes.analysis.graph_utils import node_bytes
 from mopc.passes.rewrite.offload import offload_saved_activations
-from mopc.planner.hardware import HardwareSpec, hardware
+from mopc.planner.hardware import HardwareSpec, device_hardware, hardware
 
 log = logging.getLogger("mopc.passes")
 
@@ -321,10 +321,7 @@ def _hardware_for(joint_inputs: Sequence[object], name: str = "device") -> Hardw
     if name != "device":
         return hardware(name)
     cuda = next((t for t in joint_inputs if isinstance(t, torch.Tensor) and t.is_cuda), None)
-    if cuda is None:
-        return hardware("cpu")
-    name = torch.cuda.get_device_name(cuda.device) if torch.cuda.is_available() else ""
-    return hardware("h200" if "H200" in name else "h100")
+    return device_hardware(cuda.device if cuda is not None else torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------- the rewrite
