@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_parallelize_mp import _torchrun
+from tests.test_parallelize_mp import _torchrun, assert_matches_eager
 
 # tiny has 3 layers; interleaved with 2 stages per rank needs 4
 WORLD2 = ("pp=2,microbatches=2;pp=2,schedule=gpipe,microbatches=4;"
@@ -19,13 +19,7 @@ WORLD4 = ("pp=2,tp=2,microbatches=4;pp=2,tp=2,schedule=gpipe,microbatches=2;"
 def _check(results: list[dict], world: int) -> None:
     for r in results:
         name = f"world {world} {r['options']}"
-        assert r["init_diff"] == 0.0, name
-        for ours, ref in zip(r["losses"], r["ref_losses"], strict=True):
-            assert abs(ours - ref) <= 1e-5 * abs(ref), (name, r["losses"], r["ref_losses"])
-        for ours, ref in zip(r["grad_norms"], r["ref_grad_norms"], strict=True):
-            assert abs(ours - ref) <= 1e-5 * abs(ref), (name, "mopc.clip_grad_norm_ sees every stage")
-        assert r["first_step_grad_rel_diff"] <= 1e-5, (name, r["first_step_grad_rel_diff"])
-        assert r["param_diff"] <= 1e-5, (name, r["param_diff"])
+        assert_matches_eager(r, name)  # grad norms: mopc.clip_grad_norm_ sees every stage
         options = r["options"]
         pp, m = options["pp"], options["microbatches"]
         schedule = options.get("schedule", "1f1b")
